@@ -1,0 +1,221 @@
+"""``userembed``: one CLI, a subcommand per role. This is the composition root: the
+only place where implementations (store, runtime, event source) are chosen."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _settings(overrides: dict[str, Any]) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise SystemExit(f"userembed: invalid configuration:\n{exc}") from None
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from service.demo import run_demo
+    from service.server import run_loop
+
+    settings = _settings(
+        {
+            "demo_users": args.users,
+            "demo_event_rate": args.rate,
+            "api_host": args.host,
+            "api_port": args.port,
+            "registry_path": args.registry,
+        }
+    )
+    run_loop(run_demo(settings, duration_s=args.duration))
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from service.api import create_app
+    from service.cold_start import RegistryColdStart
+    from service.server import EmbeddedServer, http_config, install_stop_handlers, run_loop
+    from service.store import open_store
+
+    settings = _settings({"api_host": args.host, "api_port": args.port})
+
+    async def serve() -> None:
+        store = open_store(settings.redis_url, settings.redis_timeout_ms)
+        app = create_app(store, settings, RegistryColdStart(settings.registry_path))
+        server = EmbeddedServer(http_config(app, settings.api_host, settings.api_port))
+
+        def stop() -> None:
+            server.should_exit = True
+
+        install_stop_handlers(stop)
+        try:
+            await server.serve()
+        finally:
+            await store.close()
+
+    run_loop(serve())
+
+
+def _cmd_worker(args: argparse.Namespace) -> None:
+    from models.registry import load_artifact
+    from service.demo import worker_config
+    from service.runtime import OnnxModelRuntime
+    from service.server import install_stop_handlers, run_loop
+    from service.store import open_store
+    from service.worker import EmbeddingWorker
+
+    settings = _settings({})
+    artifact = load_artifact(settings.registry_path)
+    runtime = OnnxModelRuntime.from_artifact(artifact)
+
+    async def work() -> None:
+        store = open_store(settings.redis_url, settings.redis_timeout_ms)
+        stop = asyncio.Event()
+        install_stop_handlers(stop.set)
+        try:
+            await EmbeddingWorker(store, runtime, worker_config(settings)).run(stop)
+        finally:
+            await store.close()
+
+    run_loop(work())
+
+
+def _cmd_publish_standin(args: argparse.Namespace) -> None:
+    from models.standin import publish_standin
+
+    settings = _settings({"registry_path": args.registry})
+    artifact = publish_standin(
+        settings.registry_path, version=args.version, history_length=settings.history_length
+    )
+    print(f"published {artifact.version} to {artifact.model_path.parent}")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from service.events import user_id_problem
+    from service.store import open_store
+
+    problem = user_id_problem(args.user_id)
+    if problem:
+        raise SystemExit(problem)
+    settings = _settings({})
+
+    async def inspect() -> dict[str, Any]:
+        store = open_store(settings.redis_url, settings.redis_timeout_ms)
+        try:
+            (features,) = await store.get_features([args.user_id])
+            (record,) = await store.get_embeddings([args.user_id])
+        finally:
+            await store.close()
+        return {
+            "user_id": args.user_id,
+            "features": None
+            if features is None
+            else {
+                "version": features.version,
+                "last_event_ms": features.last_event_ms,
+                "position": {"partition": features.partition, "offset": features.offset},
+                "history": {
+                    "item_hashes": features.item_hashes.tolist(),
+                    "category_hashes": features.category_hashes.tolist(),
+                    "types": features.types.tolist(),
+                    "timestamps": features.timestamps.tolist(),
+                },
+                "counters": features.counters.tolist(),
+            },
+            "embedding": None
+            if record is None
+            else {
+                "model_version": record.model_version,
+                "space_version": record.space_version,
+                "computed_at_ms": record.computed_at_ms,
+                "feature_version": record.feature_version,
+                "dtype": str(record.vector.dtype),
+                "vector": record.vector.astype(float).tolist(),
+            },
+        }
+
+    print(json.dumps(asyncio.run(inspect()), indent=2))
+
+
+def _cmd_bench_read(args: argparse.Namespace) -> None:
+    from service.bench import BenchConfig, run_read_bench
+
+    config = BenchConfig(
+        redis_url=args.redis_url,
+        concurrency=[int(c) for c in args.concurrency.split(",")],
+        duration_s=args.duration,
+        users=args.users,
+    )
+    run_read_bench(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="userembed",
+        description="Fresh, stable user embeddings for rankers. Configuration: USEREMBED_* "
+        "environment variables (see README).",
+    )
+    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="everything in one process on the embedded default")
+    demo.add_argument("--users", type=int, help="synthetic users u0..u{N-1} (default 10000)")
+    demo.add_argument("--rate", type=float, help="synthetic events per second (default 2000)")
+    demo.add_argument("--host", help="API host (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, help="API port (default 8000)")
+    demo.add_argument("--registry", help="model registry directory (default var/registry)")
+    demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    demo.set_defaults(func=_cmd_demo)
+
+    serve = sub.add_parser("serve", help="the read API against the configured store")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=_cmd_serve)
+
+    worker = sub.add_parser("worker", help="the embedding worker against the configured store")
+    worker.set_defaults(func=_cmd_worker)
+
+    publish = sub.add_parser("publish-standin", help="publish the untrained stand-in model")
+    publish.add_argument("--version", default="standin-1")
+    publish.add_argument("--registry")
+    publish.set_defaults(func=_cmd_publish_standin)
+
+    inspect = sub.add_parser("inspect", help="print a user's feature state and embedding")
+    inspect.add_argument("user_id")
+    inspect.set_defaults(func=_cmd_inspect)
+
+    bench = sub.add_parser("bench", help="benchmarks that print numbers next to a baseline")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    read = bench_sub.add_parser("read", help="API GET vs raw Redis GET, same load generator")
+    read.add_argument("--redis-url", help="existing Redis (default: start a private one)")
+    read.add_argument("--concurrency", default="1,16,64", help="comma-separated levels")
+    read.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    read.add_argument("--users", type=int, default=10_000)
+    read.set_defaults(func=_cmd_bench_read)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.log_level)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

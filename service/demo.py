@@ -1,0 +1,147 @@
+"""``userembed demo``: the whole pipeline in one process on the embedded default.
+
+synthetic traffic -> in-process event source -> feature updater -> store
+-> embedding worker -> read API on HTTP. Same classes as the production roles;
+only the event source and (by default) the store are the embedded implementations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from models.registry import ModelArtifact, current_version, load_artifact
+from models.standin import publish_standin
+from service.api import create_app
+from service.clock import now_ms, sleep_unless_stopped
+from service.cold_start import RegistryColdStart
+from service.ingest import FeatureUpdater, InProcessEventSource, run_ingest
+from service.runtime import OnnxModelRuntime
+from service.server import EmbeddedServer, http_config, install_stop_handlers
+from service.settings import Settings
+from service.store import Store, open_store
+from service.synthetic import SyntheticTraffic
+from service.worker import EmbeddingWorker, WorkerConfig
+
+log = logging.getLogger(__name__)
+
+
+def ensure_model(registry: Path, history_length: int) -> ModelArtifact:
+    """The CURRENT model, publishing the stand-in first when the registry is empty."""
+    if current_version(registry) is None:
+        log.info("event=registry_empty action=publish_standin path=%s", registry)
+        return publish_standin(registry, history_length=history_length)
+    return load_artifact(registry)
+
+
+def worker_config(settings: Settings) -> WorkerConfig:
+    return WorkerConfig(
+        batch_size=settings.worker_batch_size,
+        max_wait_ms=settings.worker_max_wait_ms,
+        idle_sleep_ms=settings.worker_idle_sleep_ms,
+        dtype=settings.embedding_dtype,
+    )
+
+
+async def _generate(
+    source: InProcessEventSource, traffic: SyntheticTraffic, rate: float, stop: asyncio.Event
+) -> None:
+    """Publish events at ``rate`` per second, in 20 ms ticks, without drifting."""
+    tick, owed, last = 0.02, 0.0, time.monotonic()
+    while not stop.is_set():
+        await asyncio.sleep(tick)
+        now = time.monotonic()
+        owed += rate * (now - last)
+        last = now
+        count = int(owed)
+        if count:
+            owed -= count
+            await source.publish(traffic.events(count, now_ms()))
+
+
+async def _report(
+    store: Store,
+    updater: FeatureUpdater,
+    worker: EmbeddingWorker,
+    stop: asyncio.Event,
+    out: TextIO,
+    interval_s: float = 1.0,
+) -> None:
+    """A live status line: events/s, embeddings/s, queue depth, oldest dirty age."""
+    interactive = out.isatty()
+    prev_events, prev_embedded, prev_t = 0, 0, time.monotonic()
+    while not stop.is_set():
+        await sleep_unless_stopped(stop, interval_s)
+        now = time.monotonic()
+        stats = await store.dirty_stats()
+        events, embedded = updater.applied_total, worker.embedded_total
+        elapsed = max(now - prev_t, 1e-9)
+        oldest = 0.0 if stats.oldest_ms is None else (now_ms() - stats.oldest_ms) / 1000
+        line = (
+            f"events/s={(events - prev_events) / elapsed:8.0f}  "
+            f"embeddings/s={(embedded - prev_embedded) / elapsed:8.0f}  "
+            f"queue={stats.depth:7d}  oldest_dirty={oldest:6.2f}s  "
+            f"events={events}  embeddings={embedded}"
+        )
+        out.write(("\r" + line) if interactive else line + "\n")
+        out.flush()
+        prev_events, prev_embedded, prev_t = events, embedded, now
+    if interactive:
+        out.write("\n")
+
+
+async def run_demo(settings: Settings, *, duration_s: float | None = None) -> None:
+    """Run until Ctrl-C / SIGTERM (or ``duration_s``), then stop every part cleanly."""
+    artifact = ensure_model(settings.registry_path, settings.history_length)
+    runtime = OnnxModelRuntime.from_artifact(artifact)
+    store = open_store(settings.redis_url, settings.redis_timeout_ms)
+    source = InProcessEventSource()
+    updater = FeatureUpdater(store, settings.history_length)
+    worker = EmbeddingWorker(store, runtime, worker_config(settings))
+    traffic = SyntheticTraffic(settings.demo_users, settings.demo_seed)
+    app = create_app(store, settings, RegistryColdStart(settings.registry_path))
+    server = EmbeddedServer(http_config(app, settings.api_host, settings.api_port))
+
+    stop = asyncio.Event()
+
+    def request_stop() -> None:
+        stop.set()
+        server.should_exit = True
+
+    install_stop_handlers(request_stop)
+    tasks = [
+        asyncio.create_task(_generate(source, traffic, settings.demo_event_rate, stop)),
+        asyncio.create_task(run_ingest(source, updater, stop)),
+        asyncio.create_task(worker.run(stop)),
+    ]
+    serving = asyncio.create_task(server.serve())
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.05)
+    if serving.done():
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise SystemExit(f"could not start the API on {settings.api_host}:{settings.api_port}")
+
+    base = f"http://{settings.api_host}:{settings.api_port}"
+    print(
+        f"userembed demo: model {runtime.version} on {runtime.provider}, store "
+        f"{settings.redis_url}, {settings.demo_users} users, "
+        f"{settings.demo_event_rate:.0f} events/s. Ctrl-C stops.\n"
+        f"  curl -s {base}/v1/users/u42/embedding\n"
+        f"  curl -s -X POST {base}/v1/embeddings:batchGet "
+        f'-H \'content-type: application/json\' -d \'{{"user_ids": ["u1", "u2"]}}\'\n'
+        f"  curl -s {base}/metrics",
+        flush=True,
+    )
+    tasks.append(asyncio.create_task(_report(store, updater, worker, stop, sys.stdout)))
+    if duration_s is not None:
+        asyncio.get_running_loop().call_later(duration_s, request_stop)
+    await serving
+    request_stop()
+    await asyncio.gather(*tasks)
+    await store.close()
+    print("userembed demo: stopped cleanly", flush=True)

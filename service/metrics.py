@@ -1,0 +1,75 @@
+"""Prometheus metrics of every role, named ``userembed_<component>_<what>_<unit>``.
+
+Metrics are process-wide by nature (one registry per process, scraped on /metrics),
+so they live here rather than being threaded through constructors.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+_BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+# --- ingest ------------------------------------------------------------------
+INGEST_EVENTS = Counter(
+    "userembed_ingest_events_total", "Events seen by ingest, by outcome", ["outcome"]
+)
+INGEST_BATCH_SECONDS = Histogram(
+    "userembed_ingest_batch_seconds", "Time to apply one event batch", buckets=_LATENCY_BUCKETS
+)
+
+# --- worker ------------------------------------------------------------------
+WORKER_EMBEDDINGS = Counter("userembed_worker_embeddings_total", "Embeddings written")
+WORKER_SKIPPED = Counter(
+    "userembed_worker_skipped_total", "Dirty users not embedded, by reason", ["reason"]
+)
+WORKER_BATCH_SIZE = Histogram(
+    "userembed_worker_batch_size_users", "Users per micro-batch", buckets=_BATCH_BUCKETS
+)
+WORKER_STAGE_SECONDS = Histogram(
+    "userembed_worker_stage_seconds",
+    "Per-stage latency of a micro-batch (fetch, assemble, infer, write)",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+)
+WORKER_QUEUE_DEPTH = Gauge("userembed_worker_queue_depth_users", "Users in the dirty queue")
+WORKER_OLDEST_DIRTY_AGE = Gauge(
+    "userembed_worker_oldest_dirty_age_seconds", "Age of the oldest dirty user"
+)
+WORKER_MODEL = Gauge(
+    "userembed_worker_model_info", "Model served by this worker", ["version", "provider"]
+)
+
+# --- api ---------------------------------------------------------------------
+API_REQUEST_SECONDS = Histogram(
+    "userembed_api_request_seconds",
+    "HTTP request latency by route and status",
+    ["route", "status"],
+    buckets=_LATENCY_BUCKETS,
+)
+API_SERVED = Counter(
+    "userembed_api_embeddings_served_total", "Embeddings served, by status", ["status"]
+)
+API_REFRESH_ENQUEUED = Counter(
+    "userembed_api_refresh_enqueued_total", "Refreshes enqueued by the read path"
+)
+API_REFRESH_DROPPED = Counter(
+    "userembed_api_refresh_dropped_total", "Refresh requests dropped (pending set full)"
+)
+API_STORE_ERRORS = Counter("userembed_api_store_errors_total", "Store calls that failed")

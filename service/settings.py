@@ -1,0 +1,81 @@
+"""The one settings object, read once at start-up and handed down.
+
+Every field can be set from the environment with the ``USEREMBED_`` prefix, for
+example ``USEREMBED_REDIS_URL=redis://localhost:6379/0``. List fields take JSON
+(``USEREMBED_API_KEYS='["k1","k2"]'``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of every role (api, worker, ingest, demo)."""
+
+    model_config = SettingsConfigDict(env_prefix="USEREMBED_", extra="ignore")
+
+    # --- store -------------------------------------------------------------
+    redis_url: str = Field(
+        "memory://", description="redis://host:port/db, rediss://..., or memory:// (embedded)"
+    )
+    redis_timeout_ms: int = Field(250, gt=0, description="Bound on every Redis call")
+
+    # --- kafka (ingest) ----------------------------------------------------
+    kafka_bootstrap: str = "localhost:9092"
+    kafka_topic: str = "user-events"
+    kafka_group: str = "userembed-ingest"
+
+    # --- model -------------------------------------------------------------
+    registry_path: Path = Field(Path("var/registry"), description="Model registry directory")
+    embedding_dtype: Literal["float16", "float32"] = "float16"
+    history_length: int = Field(50, ge=1, le=1024, description="Last L events kept per user")
+
+    # --- worker ------------------------------------------------------------
+    worker_batch_size: int = Field(256, ge=1, description="Max users per micro-batch")
+    worker_max_wait_ms: int = Field(10, ge=0, description="Max wait to fill a micro-batch")
+    worker_idle_sleep_ms: int = Field(5, ge=1, description="Sleep when the dirty queue is empty")
+
+    # --- staleness ---------------------------------------------------------
+    refresh_after_s: float = Field(
+        300.0, gt=0, description="A served embedding older than this is 'stale' and refreshed"
+    )
+    refresh_coalesce_s: float = Field(
+        5.0, ge=0, description="At most one refresh enqueue per user per this interval"
+    )
+
+    # --- api ---------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Bearer keys; empty = no auth"
+    )
+    api_keys_file: Path | None = Field(None, description="File with one API key per line")
+    batch_get_max_ids: int = Field(1000, ge=1)
+    cold_start_404: bool = Field(False, description="404 instead of the cold-start embedding")
+
+    # --- demo --------------------------------------------------------------
+    demo_users: int = Field(10_000, ge=1)
+    demo_event_rate: float = Field(2000.0, gt=0, description="Synthetic events per second")
+    demo_seed: int = 7
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith(("memory://", "redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"unsupported redis_url {url!r}: use redis://, rediss://, unix:// or memory://"
+            )
+        return url
+
+    def resolved_api_keys(self) -> list[str]:
+        """Keys from the environment plus those in ``api_keys_file`` (blank lines skipped)."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text().splitlines()
+            keys.extend(line.strip() for line in lines if line.strip())
+        return keys

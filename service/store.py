@@ -1,0 +1,261 @@
+"""The Store seam: feature states, embedding records and the dirty queue.
+
+Two implementations behave identically (one contract test suite runs on both):
+:class:`RedisStore` for production and :class:`MemoryStore`, the embedded default.
+Every operation is in bulk: one Redis round trip per call, never one per user.
+
+Keys: ``uf:{uid}`` feature state, ``ue:{uid}`` embedding record, and the dirty
+queue, a sorted set of user ids scored by the time they became dirty.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final, Protocol, cast
+
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from service.embeddings import (
+    EmbeddingDecodeError,
+    EmbeddingRecord,
+    decode_embedding,
+    encode_embedding,
+)
+from service.features import FeatureDecodeError, FeatureState, decode_features, encode_features
+
+log = logging.getLogger(__name__)
+
+DIRTY_KEY: Final = "userembed:dirty"
+
+
+def feature_key(user_id: str) -> str:
+    return f"uf:{user_id}"
+
+
+def embedding_key(user_id: str) -> str:
+    return f"ue:{user_id}"
+
+
+class StoreUnavailable(RuntimeError):
+    """The backing store did not answer in time or refused the connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyStats:
+    depth: int
+    oldest_ms: int | None
+
+
+class Store(Protocol):
+    """What every role needs from shared state; all calls are bulk."""
+
+    async def get_features(self, user_ids: Sequence[str]) -> list[FeatureState | None]: ...
+
+    async def put_features(
+        self, states: Mapping[str, FeatureState], dirty_at_ms: int | None = None
+    ) -> None:
+        """Write states and, when ``dirty_at_ms`` is given, mark those users dirty atomically."""
+
+    async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]: ...
+
+    async def put_embeddings(self, records: Mapping[str, EmbeddingRecord]) -> None: ...
+
+    async def mark_dirty(self, dirty_at_ms: Mapping[str, int]) -> None:
+        """Queue users for recomputation; a user already queued keeps its older time."""
+
+    async def pop_dirty(self, limit: int) -> list[tuple[str, int]]:
+        """Remove and return up to ``limit`` (user_id, dirty_at_ms), oldest first."""
+
+    async def dirty_stats(self) -> DirtyStats: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def _features_or_none(raw: bytes | None, user_id: str) -> FeatureState | None:
+    """Decode a stored state; an unreadable one is logged and treated as absent,
+    so the next update rewrites it instead of wedging the user forever."""
+    if raw is None:
+        return None
+    try:
+        return decode_features(raw)
+    except FeatureDecodeError as exc:
+        log.warning("event=unreadable_features key=%s reason=%r", feature_key(user_id), str(exc))
+        return None
+
+
+def _embedding_or_none(raw: bytes | None, user_id: str) -> EmbeddingRecord | None:
+    if raw is None:
+        return None
+    try:
+        return decode_embedding(raw)
+    except EmbeddingDecodeError as exc:
+        log.warning("event=unreadable_embedding key=%s reason=%r", embedding_key(user_id), str(exc))
+        return None
+
+
+class MemoryStore:
+    """In-process store with the same semantics as Redis (records kept as encoded bytes)."""
+
+    def __init__(self) -> None:
+        self._features: dict[str, bytes] = {}
+        self._embeddings: dict[str, bytes] = {}
+        self._dirty: dict[str, int] = {}
+        # (dirty_at_ms, user_id): ties break by user id, as in a Redis sorted set.
+        # Entries whose time no longer matches self._dirty are stale and skipped.
+        self._heap: list[tuple[int, str]] = []
+
+    async def get_features(self, user_ids: Sequence[str]) -> list[FeatureState | None]:
+        return [_features_or_none(self._features.get(u), u) for u in user_ids]
+
+    async def put_features(
+        self, states: Mapping[str, FeatureState], dirty_at_ms: int | None = None
+    ) -> None:
+        for user_id, state in states.items():
+            self._features[user_id] = encode_features(state)
+        if dirty_at_ms is not None:
+            self._mark({u: dirty_at_ms for u in states})
+
+    async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
+        return [_embedding_or_none(self._embeddings.get(u), u) for u in user_ids]
+
+    async def put_embeddings(self, records: Mapping[str, EmbeddingRecord]) -> None:
+        for user_id, record in records.items():
+            self._embeddings[user_id] = encode_embedding(record)
+
+    async def mark_dirty(self, dirty_at_ms: Mapping[str, int]) -> None:
+        self._mark(dirty_at_ms)
+
+    def _mark(self, dirty_at_ms: Mapping[str, int]) -> None:
+        for user_id, at in dirty_at_ms.items():
+            current = self._dirty.get(user_id)
+            if current is None or at < current:
+                self._dirty[user_id] = at
+                heapq.heappush(self._heap, (at, user_id))
+
+    def _drop_stale_top(self) -> None:
+        while self._heap and self._dirty.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)
+
+    async def pop_dirty(self, limit: int) -> list[tuple[str, int]]:
+        popped: list[tuple[str, int]] = []
+        while len(popped) < limit:
+            self._drop_stale_top()
+            if not self._heap:
+                break
+            at, user_id = heapq.heappop(self._heap)
+            del self._dirty[user_id]
+            popped.append((user_id, at))
+        return popped
+
+    async def dirty_stats(self) -> DirtyStats:
+        self._drop_stale_top()
+        return DirtyStats(len(self._dirty), self._heap[0][0] if self._heap else None)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+@contextmanager
+def _unavailable_on_redis_errors() -> Iterator[None]:
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise StoreUnavailable(f"redis unavailable: {exc}") from exc
+    except RedisError as exc:
+        raise StoreUnavailable(f"redis error: {exc}") from exc
+
+
+class RedisStore:
+    """Redis implementation: MGET for reads, one pipeline per bulk write, bounded timeouts."""
+
+    def __init__(self, url: str, timeout_ms: int = 250) -> None:
+        timeout = timeout_ms / 1000
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(ExponentialBackoff(cap=timeout / 4, base=0.002), retries=1),
+            decode_responses=False,
+        )
+
+    async def get_features(self, user_ids: Sequence[str]) -> list[FeatureState | None]:
+        if not user_ids:
+            return []
+        with _unavailable_on_redis_errors():
+            raws = cast(list[bytes | None], await self._redis.mget(map(feature_key, user_ids)))
+        return [_features_or_none(raw, u) for raw, u in zip(raws, user_ids, strict=True)]
+
+    async def put_features(
+        self, states: Mapping[str, FeatureState], dirty_at_ms: int | None = None
+    ) -> None:
+        if not states:
+            return
+        with _unavailable_on_redis_errors():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.mset({feature_key(u): encode_features(s) for u, s in states.items()})
+                if dirty_at_ms is not None:
+                    pipe.zadd(DIRTY_KEY, dict.fromkeys(states, dirty_at_ms), lt=True)
+                await pipe.execute()
+
+    async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
+        if not user_ids:
+            return []
+        with _unavailable_on_redis_errors():
+            raws = cast(list[bytes | None], await self._redis.mget(map(embedding_key, user_ids)))
+        return [_embedding_or_none(raw, u) for raw, u in zip(raws, user_ids, strict=True)]
+
+    async def put_embeddings(self, records: Mapping[str, EmbeddingRecord]) -> None:
+        if not records:
+            return
+        with _unavailable_on_redis_errors():
+            await self._redis.mset(
+                {embedding_key(u): encode_embedding(r) for u, r in records.items()}
+            )
+
+    async def mark_dirty(self, dirty_at_ms: Mapping[str, int]) -> None:
+        if not dirty_at_ms:
+            return
+        with _unavailable_on_redis_errors():
+            # LT: add new members, and only ever lower an existing score (keep the oldest).
+            await self._redis.zadd(DIRTY_KEY, dict(dirty_at_ms), lt=True)
+
+    async def pop_dirty(self, limit: int) -> list[tuple[str, int]]:
+        with _unavailable_on_redis_errors():
+            popped = cast(list[tuple[bytes, float]], await self._redis.zpopmin(DIRTY_KEY, limit))
+        return [(member.decode(), int(score)) for member, score in popped]
+
+    async def dirty_stats(self) -> DirtyStats:
+        with _unavailable_on_redis_errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zcard(DIRTY_KEY)
+                pipe.zrange(DIRTY_KEY, 0, 0, withscores=True)
+                depth, oldest = await pipe.execute()
+        return DirtyStats(int(depth), int(oldest[0][1]) if oldest else None)
+
+    async def ping(self) -> None:
+        with _unavailable_on_redis_errors():
+            await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def open_store(redis_url: str, timeout_ms: int = 250) -> Store:
+    """The store named by ``redis_url``: ``memory://`` is the embedded default."""
+    if redis_url.startswith("memory://"):
+        return MemoryStore()
+    return RedisStore(redis_url, timeout_ms)
