@@ -134,6 +134,7 @@ class EmbeddingReader:
                 "model_version": record.model_version,
                 "space_version": record.space_version,
                 "computed_at": record.computed_at_ms,
+                "feature_version": record.feature_version,
                 "staleness_ms": staleness,
                 "status": status,
             }
@@ -146,6 +147,7 @@ class EmbeddingReader:
             "model_version": None if cold is None else cold.model_version,
             "space_version": None if cold is None else cold.model_version,
             "computed_at": None,
+            "feature_version": None,
             "staleness_ms": None,
             "status": "not_found" if cold is None else "cold_start",
         }

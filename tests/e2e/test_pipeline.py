@@ -1,0 +1,96 @@
+"""The roles as separate processes over a real Redis: events in -> embedding served."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from models.registry import ModelArtifact
+from service.clock import now_ms
+from service.events import EventType
+from service.ingest import FeatureUpdater
+from service.redis_server import free_port
+from service.store import RedisStore
+from tests.e2e.conftest import userembed, wait_for
+from tests.helpers import event, log_of
+
+pytestmark = pytest.mark.slow
+
+
+async def ingest(redis_url: str, events: list[Any], first_offset: int) -> int:
+    """Apply events to Redis the way ingest does; return the user's new feature version."""
+    store = RedisStore(redis_url)
+    try:
+        await FeatureUpdater(store, history_length=20).apply(log_of(events, first_offset))
+        (state,) = await store.get_features([events[0].user_id])
+        assert state is not None
+        return state.version
+    finally:
+        await store.close()
+
+
+def test_events_in_embedding_out(
+    clean_redis: str, standin: ModelArtifact, standin_registry: Path
+) -> None:
+    port = free_port()
+    env = {
+        "USEREMBED_REDIS_URL": clean_redis,
+        "USEREMBED_REGISTRY_PATH": str(standin_registry),
+        "USEREMBED_HISTORY_LENGTH": "20",
+    }
+    url = f"http://127.0.0.1:{port}/v1/users/alice/embedding"
+    with (
+        userembed("worker", env=env) as worker,
+        userembed("serve", "--port", str(port), env=env) as api,
+    ):
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").is_success, 30, "readyz")
+        before = httpx.get(url).json()
+        assert before["status"] == "cold_start"
+
+        t = now_ms()
+        version = asyncio.run(ingest(clean_redis, [event("alice", ts=t, item_id=1)], 0))
+        first = wait_for(
+            lambda: (b := httpx.get(url).json())["feature_version"] == version and b,
+            30,
+            "an embedding of feature version 1",
+        )
+        assert first["status"] == "fresh"
+        assert first["model_version"] == "standin-1" and first["dim"] == 128
+
+        later = [event("alice", ts=t + 1, item_id=i, type=EventType.LIKE) for i in range(2, 6)]
+        version = asyncio.run(ingest(clean_redis, later, 1))
+        second = wait_for(
+            lambda: (b := httpx.get(url).json())["feature_version"] == version and b,
+            30,
+            "an embedding of feature version 2",
+        )
+        assert second["status"] == "fresh" and second["embedding"] != first["embedding"]
+        assert second["computed_at"] >= first["computed_at"]
+        for process in (worker, api):
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+
+
+def test_demo_serves_embeddings_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    with userembed(
+        "demo", "--port", str(port), "--users", "50", "--rate", "500",
+        "--registry", str(tmp_path / "registry"),
+        env={"USEREMBED_REDIS_URL": "memory://"},
+    ) as demo:
+        url = f"http://127.0.0.1:{port}/v1/users/u0/embedding"
+        served = wait_for(
+            lambda: (b := httpx.get(url).json())["status"] == "fresh" and b, 60, "u0 to be fresh"
+        )
+        assert served["dim"] == 128 and served["model_version"] == "standin-1"
+        os.killpg(demo.pid, signal.SIGINT)
+        output, _ = demo.communicate(timeout=20)
+    assert demo.returncode == 0, output
+    assert f"curl -s http://127.0.0.1:{port}/v1/users/u42/embedding" in output
+    assert "embeddings/s=" in output and "queue=" in output
+    assert "stopped cleanly" in output

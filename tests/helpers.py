@@ -1,0 +1,36 @@
+"""Small builders shared by tests."""
+
+from __future__ import annotations
+
+import itertools
+
+from service.events import Event, EventType, SourcedEvent
+
+BASE_TS = 1_760_000_000_000  # 2025-10-09, a fixed 'now' for pure tests
+_ids = itertools.count()
+
+
+def event(
+    user_id: str = "u1",
+    ts: int = BASE_TS,
+    type: EventType = EventType.CLICK,
+    item_id: str | int = "i1",
+    category: str | int | None = "c1",
+) -> Event:
+    return Event(
+        event_id=f"e{next(_ids)}",
+        user_id=user_id,
+        ts=ts,
+        type=type,
+        item_id=item_id,
+        category=category,
+    )
+
+
+def sourced(event: Event, offset: int, partition: int = 0) -> SourcedEvent:
+    return SourcedEvent(event, partition=partition, offset=offset)
+
+
+def log_of(events: list[Event], first_offset: int = 0) -> list[SourcedEvent]:
+    """Events as consecutive records of partition 0."""
+    return [sourced(e, first_offset + i) for i, e in enumerate(events)]

@@ -1,0 +1,104 @@
+"""One contract, two stores: every test runs on MemoryStore and on a real redis-server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+
+from service.embeddings import EmbeddingRecord
+from service.features import FeatureState, apply_events
+from service.redis_server import free_port
+from service.store import RedisStore, Store, StoreUnavailable, feature_key
+from tests.helpers import BASE_TS, event, log_of
+
+
+def state_for(user_id: str, n: int = 3) -> FeatureState:
+    events = [event(user_id=user_id, ts=BASE_TS + i, item_id=i) for i in range(n)]
+    return apply_events(FeatureState.empty(), log_of(events), 10)[0]
+
+
+def record(seed: int, dtype: str = "float16") -> EmbeddingRecord:
+    vector = np.random.default_rng(seed).standard_normal(8).astype(dtype)
+    return EmbeddingRecord(vector, "m1", "m1", BASE_TS + seed, seed)
+
+
+async def test_features_round_trip_in_bulk_and_missing_users_are_none(store: Store) -> None:
+    states = {"a": state_for("a", 2), "b": state_for("b", 5)}
+    await store.put_features(states)
+    got = await store.get_features(["b", "nobody", "a"])
+    assert got[1] is None
+    assert got[0] is not None and got[2] is not None
+    assert got[0].timestamps.tolist() == states["b"].timestamps.tolist()
+    assert got[2].item_hashes.tolist() == states["a"].item_hashes.tolist()
+    assert await store.get_features([]) == []
+
+
+async def test_put_features_can_mark_users_dirty_in_the_same_write(store: Store) -> None:
+    await store.put_features({"a": state_for("a"), "b": state_for("b")}, dirty_at_ms=BASE_TS)
+    assert sorted(await store.pop_dirty(10)) == [("a", BASE_TS), ("b", BASE_TS)]
+    await store.put_features({"c": state_for("c")})
+    assert await store.pop_dirty(10) == []
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+async def test_embeddings_round_trip_in_bulk(store: Store, dtype: str) -> None:
+    await store.put_embeddings({"x": record(1, dtype), "y": record(2, dtype)})
+    x, missing, y = await store.get_embeddings(["x", "ghost", "y"])
+    assert missing is None
+    assert x is not None and y is not None
+    np.testing.assert_array_equal(x.vector, record(1, dtype).vector)
+    assert y.feature_version == 2 and y.vector.dtype == np.dtype(dtype)
+
+
+async def test_dirty_queue_dedups_and_keeps_the_oldest_time(store: Store) -> None:
+    await store.mark_dirty({"u1": 500, "u2": 300})
+    await store.mark_dirty({"u1": 900})  # newer: ignored
+    await store.mark_dirty({"u2": 100})  # older: kept
+    stats = await store.dirty_stats()
+    assert (stats.depth, stats.oldest_ms) == (2, 100)
+    assert await store.pop_dirty(10) == [("u2", 100), ("u1", 500)]
+    assert (await store.dirty_stats()).depth == 0
+    assert (await store.dirty_stats()).oldest_ms is None
+
+
+async def test_pop_is_oldest_first_bounded_and_ties_break_by_user_id(store: Store) -> None:
+    await store.mark_dirty({"c": 2, "b": 2, "a": 3, "d": 1})
+    assert await store.pop_dirty(3) == [("d", 1), ("b", 2), ("c", 2)]
+    assert await store.pop_dirty(3) == [("a", 3)]
+    assert await store.pop_dirty(3) == []
+
+
+async def test_a_popped_user_can_be_queued_again(store: Store) -> None:
+    await store.mark_dirty({"u": 10})
+    assert await store.pop_dirty(1) == [("u", 10)]
+    await store.mark_dirty({"u": 20})
+    assert await store.pop_dirty(5) == [("u", 20)]
+
+
+async def test_many_users_in_one_call(store: Store) -> None:
+    await store.mark_dirty({f"u{i}": i for i in range(2000)})
+    popped = await store.pop_dirty(2000)
+    assert [at for _, at in popped] == list(range(2000))
+
+
+async def test_an_unreadable_redis_record_reads_as_absent(clean_redis: str) -> None:
+    client = redis.Redis.from_url(clean_redis)
+    client.set(feature_key("broken"), b"garbage")
+    client.close()
+    store = RedisStore(clean_redis)
+    try:
+        assert await store.get_features(["broken"]) == [None]
+    finally:
+        await store.close()
+
+
+async def test_redis_down_is_reported_as_unavailable_within_the_timeout() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout_ms=200)
+    try:
+        with pytest.raises(StoreUnavailable, match="redis unavailable"):
+            await store.get_embeddings(["u1"])
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+    finally:
+        await store.close()

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.embeddings import (
+    EmbeddingDecodeError,
+    EmbeddingRecord,
+    decode_embedding,
+    encode_embedding,
+)
+
+
+def record(dtype: str = "float16", dim: int = 16) -> EmbeddingRecord:
+    vector = np.random.default_rng(0).standard_normal(dim).astype(dtype)
+    return EmbeddingRecord(vector, "v2", "v1", 1_760_000_000_123, 42)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_round_trip_keeps_every_field(dtype: str) -> None:
+    original = record(dtype)
+    decoded = decode_embedding(encode_embedding(original))
+    np.testing.assert_array_equal(decoded.vector, original.vector)
+    assert decoded.vector.dtype == np.dtype(dtype)
+    assert (decoded.model_version, decoded.space_version) == ("v2", "v1")
+    assert (decoded.computed_at_ms, decoded.feature_version, decoded.dim) == (
+        1_760_000_000_123,
+        42,
+        16,
+    )
+
+
+def test_float16_record_is_header_plus_two_bytes_per_dimension() -> None:
+    assert len(encode_embedding(record("float16", 128))) == 24 + 4 + 256
+
+
+def test_staleness_is_never_negative() -> None:
+    r = record()
+    assert r.staleness_ms(r.computed_at_ms + 500) == 500
+    assert r.staleness_ms(r.computed_at_ms - 500) == 0
+
+
+def test_other_dtypes_are_refused() -> None:
+    with pytest.raises(ValueError, match="float16 or float32"):
+        encode_embedding(EmbeddingRecord(np.zeros(4, np.float64), "v", "v", 0, 0))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda b: b[:5], "too short"),
+        (lambda b: b"ZZ" + b[2:], "not an embedding record"),
+        (lambda b: b[:2] + bytes([7]) + b[3:], "unsupported embedding layout v7"),
+        (lambda b: b[:3] + bytes([99]) + b[4:], "unknown embedding dtype code 99"),
+        (lambda b: b[:-1], "expected"),
+    ],
+)
+def test_unreadable_records_are_refused(mutate, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(EmbeddingDecodeError, match=message):
+        decode_embedding(mutate(encode_embedding(record())))

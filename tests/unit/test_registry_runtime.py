@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.registry import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    ModelArtifact,
+    RegistryError,
+    current_version,
+    load_artifact,
+    publish,
+)
+from models.standin import build_standin, publish_standin
+from service.features import FeatureState, apply_events
+from service.runtime import CPU, OnnxModelRuntime
+from service.tensors import InputSchema, assemble
+from tests.helpers import BASE_TS, event, log_of
+
+
+def test_published_model_is_current_and_verified(standin: ModelArtifact) -> None:
+    root = standin.model_path.parent.parent
+    assert current_version(root) == "standin-1"
+    loaded = load_artifact(root)
+    assert loaded.manifest.sha256 == standin.manifest.sha256
+    assert loaded.manifest.schema.history_length == 20
+
+
+def test_runtime_runs_on_cpu_and_outputs_unit_vectors(standin: ModelArtifact) -> None:
+    runtime = OnnxModelRuntime.from_artifact(standin)
+    assert runtime.provider == CPU  # no GPU on CI machines
+    histories = [log_of([event(item_id=i, ts=BASE_TS)]) for i in range(1, 4)]
+    states = [FeatureState.empty()] + [
+        apply_events(FeatureState.empty(), history, 20)[0] for history in histories
+    ]
+    out = runtime.infer(assemble(states, BASE_TS, runtime.schema))
+    assert out.shape == (4, runtime.output_dim) and out.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-4)
+    assert not np.allclose(out[1], out[2])  # different histories, different users
+
+
+def test_cold_start_is_the_model_on_an_empty_history(standin: ModelArtifact) -> None:
+    runtime = OnnxModelRuntime.from_artifact(standin)
+    empty = runtime.infer(assemble([FeatureState.empty()], BASE_TS, runtime.schema))[0]
+    np.testing.assert_allclose(standin.manifest.cold_start_embedding, empty, atol=1e-6)
+
+
+def test_same_seed_same_model() -> None:
+    schema = InputSchema(history_length=3, item_buckets=11, category_buckets=5)
+    assert build_standin(schema, seed=1) == build_standin(schema, seed=1)
+    assert build_standin(schema, seed=1) != build_standin(schema, seed=2)
+
+
+def test_empty_registry_says_so(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="is empty: publish a model first"):
+        load_artifact(tmp_path)
+
+
+def test_corrupted_model_file_is_refused(tmp_path: Path) -> None:
+    artifact = publish_standin(tmp_path, history_length=3)
+    with artifact.model_path.open("r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\xff\xff\xff")
+    with pytest.raises(RegistryError, match="refusing a corrupted artifact"):
+        load_artifact(tmp_path)
+
+
+def test_schema_that_does_not_match_its_hash_is_refused(tmp_path: Path) -> None:
+    publish_standin(tmp_path, history_length=3)
+    manifest_path = tmp_path / "standin-1" / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["input_schema"]["history_length"] = 4
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(RegistryError, match="input schema does not match its hash"):
+        load_artifact(tmp_path)
+
+
+def test_malformed_manifest_and_missing_files_are_refused(tmp_path: Path) -> None:
+    publish_standin(tmp_path, history_length=3)
+    (tmp_path / "standin-1" / MANIFEST_FILE).write_text("{")
+    with pytest.raises(RegistryError, match="malformed"):
+        load_artifact(tmp_path)
+    publish_standin(tmp_path, version="standin-2", history_length=3)
+    (tmp_path / "standin-2" / MODEL_FILE).unlink()
+    with pytest.raises(RegistryError, match="missing"):
+        load_artifact(tmp_path)
+
+
+def test_versions_are_immutable_and_names_checked(tmp_path: Path) -> None:
+    publish_standin(tmp_path, history_length=3)
+    with pytest.raises(RegistryError, match="already exists"):
+        publish_standin(tmp_path, history_length=3)
+    with pytest.raises(RegistryError, match="invalid model version"):
+        publish(
+            tmp_path,
+            version="../escape",
+            onnx_bytes=b"",
+            schema=InputSchema(),
+            output_dim=1,
+            cold_start_embedding=[0.0],
+        )

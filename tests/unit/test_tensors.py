@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import numpy as np
+
+from service.events import EventType
+from service.features import FeatureState, apply_events, counters_at
+from service.tensors import InputSchema, assemble
+from tests.helpers import BASE_TS, event, log_of
+
+HOUR = 3_600_000
+SCHEMA = InputSchema(history_length=4, item_buckets=101, category_buckets=11)
+
+
+def state_with(n: int) -> FeatureState:
+    events = [event(ts=BASE_TS + i * HOUR, item_id=i, category=i % 3) for i in range(n)]
+    return apply_events(FeatureState.empty(), log_of(events), 10)[0]
+
+
+def test_shapes_and_dtypes_follow_the_schema() -> None:
+    tensors = assemble([state_with(2), state_with(0)], BASE_TS, SCHEMA)
+    for name, (dtype, shape) in SCHEMA.inputs().items():
+        assert tensors[name].dtype == np.dtype(dtype)
+        assert tensors[name].shape == (2, *shape[1:])
+
+
+def test_histories_are_left_padded_with_the_newest_event_last() -> None:
+    tensors = assemble([state_with(2)], BASE_TS + 2 * HOUR, SCHEMA)
+    assert tensors["mask"][0].tolist() == [0, 0, 1, 1]
+    assert tensors["item_ids"][0, :2].tolist() == [0, 0]
+    assert (tensors["item_ids"][0, 2:] > 0).all()
+    assert tensors["event_types"][0, 2:].tolist() == [EventType.CLICK.code + 1] * 2
+    np.testing.assert_allclose(tensors["ages"][0, 2:], np.log1p([2.0, 1.0]), rtol=1e-6)
+
+
+def test_long_histories_keep_the_most_recent_l() -> None:
+    state = state_with(7)
+    tensors = assemble([state], BASE_TS + 7 * HOUR, SCHEMA)
+    assert tensors["mask"][0].sum() == 4
+    np.testing.assert_allclose(tensors["ages"][0], np.log1p([4.0, 3.0, 2.0, 1.0]), rtol=1e-6)
+
+
+def test_ids_fall_in_their_vocabularies() -> None:
+    tensors = assemble([state_with(10)], BASE_TS, InputSchema(history_length=10, item_buckets=7))
+    assert tensors["item_ids"].min() >= 1 and tensors["item_ids"].max() <= 6
+
+
+def test_counters_are_log1p_of_the_decayed_counts_at_now() -> None:
+    state = state_with(3)
+    now = BASE_TS + 5 * HOUR
+    tensors = assemble([state], now, SCHEMA)
+    np.testing.assert_allclose(
+        tensors["counters"][0], np.log1p(counters_at(state, now)).ravel(), rtol=1e-6
+    )
+
+
+def test_empty_state_gives_all_padding() -> None:
+    tensors = assemble([FeatureState.empty()], BASE_TS, SCHEMA)
+    assert not tensors["mask"].any() and not tensors["counters"].any()
+
+
+def test_schema_digest_is_stable_and_sensitive() -> None:
+    assert SCHEMA.digest() == InputSchema(4, 101, 11).digest()
+    assert SCHEMA.digest() != InputSchema(5, 101, 11).digest()
+    assert InputSchema.from_dict(SCHEMA.to_dict()) == SCHEMA
