@@ -160,12 +160,10 @@ def _check_user_id(user_id: str) -> None:
 
 
 def bearer_auth(keys: Sequence[str]) -> Callable[[Request], Awaitable[None]]:
-    """A dependency that requires ``Authorization: Bearer <key>`` when keys are configured."""
+    """A dependency that requires ``Authorization: Bearer <key>`` for one of ``keys``."""
     encoded = [k.encode() for k in keys]
 
     async def check(request: Request) -> None:
-        if not encoded:
-            return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         # compare against every key, so timing does not reveal which one matched
@@ -216,7 +214,8 @@ def create_app(
         default_response_class=JSONResponse,
     )
     app.add_middleware(MetricsMiddleware)
-    auth = [Depends(bearer_auth(settings.resolved_api_keys()))]
+    keys = settings.resolved_api_keys()
+    auth = [Depends(bearer_auth(keys))] if keys else []
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> Response:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import numpy.typing as npt
 import redis.asyncio as aioredis
 import uvloop
 
@@ -40,6 +39,8 @@ _ROW = "{:<10} {:>5} {:>9} {:>7} {:>9} {:>8} {:>8} {:>9}"
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
+    """What to measure; ``redis_url=None`` starts a private redis-server for the run."""
+
     redis_url: str | None = None
     concurrency: Sequence[int] = (1, 16, 64)
     duration_s: float = 5.0
@@ -48,6 +49,8 @@ class BenchConfig:
 
 @dataclass(frozen=True, slots=True)
 class BenchRow:
+    """One target at one concurrency level; latencies are per request, in milliseconds."""
+
     target: str
     concurrency: int
     requests: int
@@ -63,7 +66,7 @@ def run_read_bench(config: BenchConfig) -> list[BenchRow]:
     if not config.concurrency or min(config.concurrency) < 1:
         raise ValueError(f"concurrency levels must be >= 1, got {list(config.concurrency)}")
     if config.duration_s <= 0 or config.users < 1:
-        raise ValueError("duration_s must be > 0 and users >= 1")
+        raise ValueError(f"need duration_s > 0 and users >= 1, got {config}")
     # Imported here: building the stand-in pulls in onnx, which the rest of the module avoids.
     from models.standin import publish_standin
 
@@ -86,13 +89,10 @@ async def _populate(url: str, users: int, chunk: int = 1000) -> None:
     try:
         for lo in range(0, users, chunk):
             ids = range(lo, min(lo + chunk, users))
-            await store.put_embeddings({f"u{i}": _record(vectors[i], at) for i in ids})
+            records = {f"u{i}": EmbeddingRecord(vectors[i], "bench", "bench", at, 1) for i in ids}
+            await store.put_embeddings(records)
     finally:
         await store.close()
-
-
-def _record(vector: npt.NDArray[np.float16], at_ms: int) -> EmbeddingRecord:
-    return EmbeddingRecord(vector, "bench", "bench", computed_at_ms=at_ms, feature_version=1)
 
 
 @contextlib.contextmanager
@@ -134,10 +134,10 @@ def _wait_ready(
                 raise RuntimeError(f"API serves u0 as {status} {answer}, expected the bench record")
         time.sleep(0.1)
     stderr.seek(0)
-    why = "not ready" if process.poll() is None else f"exited with {process.returncode}"
+    code = process.poll()
+    why = f"not ready within {timeout_s}s" if code is None else f"exited with {code}"
     raise RuntimeError(
-        f"API on port {port} {why} within {timeout_s}s; its stderr:\n"
-        + stderr.read().decode(errors="replace").strip()
+        f"API on port {port} {why}; its stderr:\n" + stderr.read().decode(errors="replace").strip()
     )
 
 
@@ -160,7 +160,6 @@ class _KeepAliveHttp:
 
     async def get_embedding(self, user_id: str) -> bool:
         """GET the user's embedding; False on a non-200 answer or a broken connection."""
-        fields: dict[bytes, bytes] = {}
         try:
             if self._streams is None:
                 self._streams = await asyncio.open_connection("127.0.0.1", self._port)
@@ -175,8 +174,9 @@ class _KeepAliveHttp:
             await reader.readexactly(int(fields[b"content-length"]))
             ok = head[0].split(b" ", 2)[1] == b"200"
         except (OSError, ValueError, LookupError, asyncio.IncompleteReadError):
-            ok = False
-        if not ok or fields.get(b"connection") == b"close":
+            await self.close()
+            return False
+        if fields.get(b"connection") == b"close":
             await self.close()
         return ok
 

@@ -79,8 +79,15 @@ def test_events_in_embedding_out(
 def test_demo_serves_embeddings_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
     with userembed(
-        "demo", "--port", str(port), "--users", "50", "--rate", "500",
-        "--registry", str(tmp_path / "registry"),
+        "demo",
+        "--port",
+        str(port),
+        "--users",
+        "50",
+        "--rate",
+        "500",
+        "--registry",
+        str(tmp_path / "registry"),
         env={"USEREMBED_REDIS_URL": "memory://"},
     ) as demo:
         url = f"http://127.0.0.1:{port}/v1/users/u0/embedding"

@@ -172,7 +172,13 @@ def test_api_keys_are_required_when_configured(store: MemoryStore, clock: Clock)
         basic = c.get("/v1/users/u1/embedding", headers={"Authorization": "Basic k2"})
         good = c.get("/v1/users/u1/embedding", headers={"Authorization": "Bearer k2"})
         health = c.get("/healthz")
-    assert [r.status_code for r in (missing, wrong, basic, good, health)] == [401, 401, 401, 200, 200]
+    assert [r.status_code for r in (missing, wrong, basic, good, health)] == [
+        401,
+        401,
+        401,
+        200,
+        200,
+    ]
     assert missing.headers["www-authenticate"] == "Bearer"
     assert missing.json()["error"]["code"] == "unauthenticated"
 

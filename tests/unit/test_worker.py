@@ -37,7 +37,11 @@ async def test_dirty_users_get_embeddings_from_their_latest_features(
     (f1,) = await store.get_features(["u1"])
     assert u1 is not None and u2 is not None and f1 is not None
     assert u1.feature_version == f1.version == 2
-    assert (u1.model_version, u1.space_version, u1.computed_at_ms) == ("standin-1", "standin-1", NOW)
+    assert (u1.model_version, u1.space_version, u1.computed_at_ms) == (
+        "standin-1",
+        "standin-1",
+        NOW,
+    )
     assert u1.vector.dtype == np.float16
     expected = runtime.infer(assemble([f1], NOW, runtime.schema))[0]
     np.testing.assert_allclose(u1.vector.astype(np.float32), expected, atol=1e-3)
