@@ -28,7 +28,7 @@ import uvloop
 
 from service.clock import now_ms
 from service.embeddings import EmbeddingRecord
-from service.redis_server import free_port, private_redis
+from service.redis_server import free_port, private_redis, stop_process
 from service.store import RedisStore
 
 DIM = 128
@@ -112,12 +112,7 @@ def _api_process(redis_url: str, registry: Path, port: int) -> Iterator[None]:
             _wait_ready(process, port, stderr)
             yield
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
 
 
 def _wait_ready(

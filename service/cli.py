@@ -74,11 +74,10 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 def _cmd_worker(args: argparse.Namespace) -> None:
     from models.registry import load_artifact
-    from service.demo import worker_config
     from service.runtime import OnnxModelRuntime
     from service.server import install_stop_handlers, run_loop
     from service.store import open_store
-    from service.worker import EmbeddingWorker
+    from service.worker import EmbeddingWorker, WorkerConfig
 
     settings = _settings({})
     artifact = load_artifact(settings.registry_path)
@@ -89,7 +88,7 @@ def _cmd_worker(args: argparse.Namespace) -> None:
         stop = asyncio.Event()
         install_stop_handlers(stop.set)
         try:
-            await EmbeddingWorker(store, runtime, worker_config(settings)).run(stop)
+            await EmbeddingWorker(store, runtime, WorkerConfig.from_settings(settings)).run(stop)
         finally:
             await store.close()
 

@@ -38,15 +38,6 @@ def ensure_model(registry: Path, history_length: int) -> ModelArtifact:
     return load_artifact(registry)
 
 
-def worker_config(settings: Settings) -> WorkerConfig:
-    return WorkerConfig(
-        batch_size=settings.worker_batch_size,
-        max_wait_ms=settings.worker_max_wait_ms,
-        idle_sleep_ms=settings.worker_idle_sleep_ms,
-        dtype=settings.embedding_dtype,
-    )
-
-
 async def _generate(
     source: InProcessEventSource, traffic: SyntheticTraffic, rate: float, stop: asyncio.Event
 ) -> None:
@@ -101,7 +92,7 @@ async def run_demo(settings: Settings, *, duration_s: float | None = None) -> No
     store = open_store(settings.redis_url, settings.redis_timeout_ms)
     source = InProcessEventSource()
     updater = FeatureUpdater(store, settings.history_length)
-    worker = EmbeddingWorker(store, runtime, worker_config(settings))
+    worker = EmbeddingWorker(store, runtime, WorkerConfig.from_settings(settings))
     traffic = SyntheticTraffic(settings.demo_users, settings.demo_seed)
     app = create_app(store, settings, RegistryColdStart(settings.registry_path))
     server = EmbeddedServer(http_config(app, settings.api_host, settings.api_port))

@@ -29,6 +29,7 @@ from service.metrics import (
     WORKER_STAGE_SECONDS,
 )
 from service.runtime import ModelRuntime
+from service.settings import Settings
 from service.store import Store
 from service.tensors import assemble
 
@@ -41,6 +42,15 @@ class WorkerConfig:
     max_wait_ms: int = 10
     idle_sleep_ms: int = 5
     dtype: EmbeddingDtype = "float16"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerConfig:
+        return cls(
+            batch_size=settings.worker_batch_size,
+            max_wait_ms=settings.worker_max_wait_ms,
+            idle_sleep_ms=settings.worker_idle_sleep_ms,
+            dtype=settings.embedding_dtype,
+        )
 
 
 @contextmanager
