@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
 from fastapi import Depends, FastAPI, Request
@@ -25,7 +26,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.clock import Clock, now_ms
 from service.cold_start import ColdStart
 from service.embeddings import EmbeddingRecord
-from service.events import user_id_problem
+from service.events import Event, EventRejected, convert_event, user_id_problem
+from service.ingest import EventSink
 from service.metrics import API_REQUEST_SECONDS, API_SERVED, API_STORE_ERRORS
 from service.refresh import RefreshRequester
 from service.settings import Settings
@@ -38,10 +40,16 @@ class ApiError(Exception):
     """An error answered as ``{"error": {"code", "message"}}`` with an HTTP status."""
 
     def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        details: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
+        self.details = details
 
 
 class BatchGetRequest(BaseModel):
@@ -56,9 +64,16 @@ class JSONResponse(Response):
 
 
 def _error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    details: list[dict[str, Any]] | None = None,
 ) -> Response:
-    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = details
+    return JSONResponse({"error": error}, status, headers=headers)
 
 
 class MetricsMiddleware:
@@ -179,14 +194,46 @@ def bearer_auth(keys: Sequence[str]) -> Callable[[Request], Awaitable[None]]:
     return check
 
 
+def validate_events(body: bytes, now: int, max_events: int) -> list[Event]:
+    """Parse a JSON array of events; all or nothing, with every rejection's reason."""
+    try:
+        items = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "invalid_request", f"body is not valid JSON: {exc}") from None
+    if not isinstance(items, list) or not items:
+        raise ApiError(400, "invalid_request", "body must be a non-empty JSON array of events")
+    if len(items) > max_events:
+        raise ApiError(
+            400, "batch_too_large", f"{len(items)} events sent; at most {max_events} per call"
+        )
+    events: list[Event] = []
+    rejected: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        try:
+            events.append(convert_event(item, now))
+        except EventRejected as exc:
+            rejected.append({"index": index, "reason": exc.reason})
+    if rejected:
+        raise ApiError(
+            400,
+            "invalid_events",
+            f"{len(rejected)} of {len(items)} events rejected; nothing was accepted",
+            details=rejected,
+        )
+    return events
+
+
 def create_app(
     store: Store,
     settings: Settings,
     cold_start: ColdStartSource,
     *,
+    event_sink: EventSink | None = None,
     clock: Clock = now_ms,
 ) -> FastAPI:
-    """The FastAPI app over ``store``; the caller owns the store's lifetime."""
+    """The FastAPI app over ``store``; the caller owns the store's and the sink's lifetime.
+
+    Without ``event_sink``, POST /v1/events answers 503 (intake not configured)."""
     refresher = RefreshRequester(store, int(settings.refresh_coalesce_s * 1000), clock=clock)
     reader = EmbeddingReader(
         store,
@@ -219,7 +266,7 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> Response:
-        return _error_response(exc.status, exc.code, exc.message, exc.headers)
+        return _error_response(exc.status, exc.code, exc.message, exc.headers, exc.details)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> Response:
@@ -249,6 +296,20 @@ def create_app(
         for user_id in body.user_ids:
             _check_user_id(user_id)
         return JSONResponse({"embeddings": await reader.read(body.user_ids)})
+
+    @app.post("/v1/events", dependencies=auth, status_code=202)
+    async def post_events(request: Request) -> Response:
+        """Validate a JSON array of events and hand them to Kafka (all or nothing)."""
+        events = validate_events(await request.body(), clock(), settings.api_events_max)
+        if event_sink is None:
+            raise ApiError(503, "intake_disabled", "event intake is not configured on this API")
+        try:
+            await event_sink.send(events)
+        except Exception as exc:
+            raise ApiError(
+                503, "intake_unavailable", f"events not accepted: {exc}", {"Retry-After": "1"}
+            ) from exc
+        return JSONResponse({"accepted": len(events)}, 202)
 
     @app.get("/healthz")
     async def healthz() -> Response:

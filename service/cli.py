@@ -47,9 +47,21 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_loop(run_demo(settings, duration_s=args.duration))
 
 
+def _serve_metrics(settings: Settings) -> None:
+    """Prometheus endpoint of a non-HTTP role (ingest, worker) on ``metrics_port``."""
+    from prometheus_client import start_http_server
+
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.api_host)
+        logging.getLogger(__name__).info(
+            "event=metrics_serving addr=%s:%d", settings.api_host, settings.metrics_port
+        )
+
+
 def _cmd_serve(args: argparse.Namespace) -> None:
     from service.api import create_app
     from service.cold_start import RegistryColdStart
+    from service.kafka import KafkaEventSink
     from service.server import EmbeddedServer, http_config, install_stop_handlers, run_loop
     from service.store import open_store
 
@@ -57,7 +69,10 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     async def serve() -> None:
         store = open_store(settings.redis_url, settings.redis_timeout_ms)
-        app = create_app(store, settings, RegistryColdStart(settings.registry_path))
+        sink = KafkaEventSink(settings) if settings.api_events_enabled else None
+        app = create_app(
+            store, settings, RegistryColdStart(settings.registry_path), event_sink=sink
+        )
         server = EmbeddedServer(http_config(app, settings.api_host, settings.api_port))
 
         def stop() -> None:
@@ -68,6 +83,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             await server.serve()
         finally:
             await store.close()
+            if sink is not None:
+                await sink.close()
 
     run_loop(serve())
 
@@ -82,6 +99,7 @@ def _cmd_worker(args: argparse.Namespace) -> None:
     settings = _settings({})
     artifact = load_artifact(settings.registry_path)
     runtime = OnnxModelRuntime.from_artifact(artifact)
+    _serve_metrics(settings)
 
     async def work() -> None:
         store = open_store(settings.redis_url, settings.redis_timeout_ms)
@@ -93,6 +111,58 @@ def _cmd_worker(args: argparse.Namespace) -> None:
             await store.close()
 
     run_loop(work())
+
+
+def _cmd_ingest(args: argparse.Namespace) -> None:
+    from service.ingest import FeatureUpdater, run_ingest
+    from service.kafka import KafkaEventSource
+    from service.server import install_stop_handlers, run_loop
+    from service.store import open_store
+
+    settings = _settings({"metrics_port": args.metrics_port})
+    if settings.redis_url.startswith("memory://"):
+        raise SystemExit(
+            "userembed ingest needs a shared store: set USEREMBED_REDIS_URL=redis://..."
+        )
+    _serve_metrics(settings)
+
+    async def ingest() -> None:
+        store = open_store(settings.redis_url, settings.redis_timeout_ms)
+        source = KafkaEventSource(settings)
+        stop = asyncio.Event()
+        install_stop_handlers(stop.set)
+        logging.getLogger(__name__).info(
+            "event=ingest_started topic=%s group=%s", settings.kafka_topic, settings.kafka_group
+        )
+        try:
+            await run_ingest(
+                source,
+                FeatureUpdater(store, settings.history_length),
+                stop,
+                max_events=settings.ingest_batch_max_events,
+                max_wait_s=settings.ingest_batch_max_wait_ms / 1000,
+                max_backoff_s=settings.ingest_max_backoff_s,
+            )
+        finally:
+            await source.close()
+            await store.close()
+            logging.getLogger(__name__).info("event=ingest_stopped")
+
+    run_loop(ingest())
+
+
+def _cmd_produce(args: argparse.Namespace) -> None:
+    from service.produce import ProduceConfig, run_producer
+
+    config = ProduceConfig(
+        rate=args.rate,
+        users=args.users,
+        malformed_fraction=args.malformed_fraction,
+        count=args.count,
+        duration_s=args.duration,
+        seed=args.seed,
+    )
+    run_producer(_settings({}), config)
 
 
 def _cmd_publish_standin(args: argparse.Namespace) -> None:
@@ -189,6 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="the embedding worker against the configured store")
     worker.set_defaults(func=_cmd_worker)
+
+    ingest = sub.add_parser("ingest", help="Kafka consumer that keeps feature states in Redis")
+    ingest.add_argument("--metrics-port", type=int, help="Prometheus port (default 9400)")
+    ingest.set_defaults(func=_cmd_ingest)
+
+    produce = sub.add_parser("produce", help="synthetic events to Kafka")
+    produce.add_argument("--rate", type=float, default=1000.0, help="events per second")
+    produce.add_argument("--users", type=int, default=10_000)
+    produce.add_argument("--malformed-fraction", type=float, default=0.0)
+    produce.add_argument("--count", type=int, help="stop after this many events")
+    produce.add_argument("--duration", type=float, help="stop after this many seconds")
+    produce.add_argument("--seed", type=int, default=7)
+    produce.set_defaults(func=_cmd_produce)
 
     publish = sub.add_parser("publish-standin", help="publish the untrained stand-in model")
     publish.add_argument("--version", default="standin-1")

@@ -51,7 +51,7 @@ async def _generate(
         count = int(owed)
         if count:
             owed -= count
-            await source.publish(traffic.events(count, now_ms()))
+            await source.send(traffic.events(count, now_ms()))
 
 
 async def _report(
@@ -94,7 +94,7 @@ async def run_demo(settings: Settings, *, duration_s: float | None = None) -> No
     updater = FeatureUpdater(store, settings.history_length)
     worker = EmbeddingWorker(store, runtime, WorkerConfig.from_settings(settings))
     traffic = SyntheticTraffic(settings.demo_users, settings.demo_seed)
-    app = create_app(store, settings, RegistryColdStart(settings.registry_path))
+    app = create_app(store, settings, RegistryColdStart(settings.registry_path), event_sink=source)
     server = EmbeddedServer(http_config(app, settings.api_host, settings.api_port))
 
     stop = asyncio.Event()

@@ -111,6 +111,15 @@ def decode_event(raw: bytes | str, now_ms: int) -> Event:
     return validate_event(event, now_ms)
 
 
+def convert_event(obj: object, now_ms: int) -> Event:
+    """Validate one already-parsed JSON value (e.g. an element of a request's array)."""
+    try:
+        event = msgspec.convert(obj, Event)
+    except msgspec.ValidationError as exc:
+        raise EventRejected(f"event does not match the contract: {exc}") from None
+    return validate_event(event, now_ms)
+
+
 def encode_event(event: Event) -> bytes:
     """JSON bytes for one event (what producers put on the wire)."""
     return msgspec.json.encode(event)

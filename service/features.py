@@ -30,6 +30,11 @@ _MAGIC: Final = b"UF"
 # magic, layout, n_types, n_half_lives, reserved, n_events, version, last_event_ms,
 # partition, offset
 _HEADER: Final = struct.Struct("<2sBBBBHQqiq")
+_VERSION_FIELD: Final = struct.Struct("<Q")
+# Byte range of the feature version inside an encoded record: a store can compare
+# versions (compare-and-set) without decoding the record.
+VERSION_OFFSET: Final = struct.calcsize("<2sBBBBH")
+VERSION_SIZE: Final = _VERSION_FIELD.size
 
 Int64Array = npt.NDArray[np.int64]
 
@@ -178,6 +183,11 @@ def encode_features(state: FeatureState) -> bytes:
             state.counters.astype("<f4").tobytes(),
         )
     )
+
+
+def encoded_version(version: int) -> bytes:
+    """The version field as stored; b"" stands for 'no record' (version 0)."""
+    return _VERSION_FIELD.pack(version) if version else b""
 
 
 def decode_features(data: bytes) -> FeatureState:

@@ -31,7 +31,29 @@ INGEST_EVENTS = Counter(
     "userembed_ingest_events_total", "Events seen by ingest, by outcome", ["outcome"]
 )
 INGEST_BATCH_SECONDS = Histogram(
-    "userembed_ingest_batch_seconds", "Time to apply one event batch", buckets=_LATENCY_BUCKETS
+    "userembed_ingest_batch_seconds",
+    "Time to apply and commit one event batch",
+    buckets=_LATENCY_BUCKETS,
+)
+INGEST_BATCH_SIZE = Histogram(
+    "userembed_ingest_batch_size_events",
+    "Valid events per batch",
+    buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000, 10000, 20000),
+)
+INGEST_CONFLICTS = Counter(
+    "userembed_ingest_write_conflicts_total", "Users re-applied after a compare-and-set conflict"
+)
+INGEST_RETRIES = Counter(
+    "userembed_ingest_retries_total", "Retried operations during outages", ["operation"]
+)
+INGEST_LAG = Gauge(
+    "userembed_ingest_consumer_lag_messages", "Consumer lag per partition", ["partition"]
+)
+INGEST_LAST_COMMIT = Gauge(
+    "userembed_ingest_last_commit_timestamp_seconds", "Unix time of the last offset commit"
+)
+INGEST_REBALANCES = Counter(
+    "userembed_ingest_rebalances_total", "Partition assignment changes", ["kind"]
 )
 
 # --- worker ------------------------------------------------------------------

@@ -29,6 +29,22 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = "localhost:9092"
     kafka_topic: str = "user-events"
     kafka_group: str = "userembed-ingest"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = Field(None, description="PLAIN, SCRAM-SHA-512, ...")
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_location: Path | None = None
+    kafka_extra: dict[str, str] = Field(
+        default_factory=dict, description="Extra librdkafka properties (JSON object)"
+    )
+    ingest_batch_max_events: int = Field(5000, ge=1, description="Max messages per batch")
+    ingest_batch_max_wait_ms: int = Field(100, ge=1, description="Max wait to fill a batch")
+    ingest_max_backoff_s: float = Field(5.0, gt=0, description="Cap on retry backoff")
+
+    # --- metrics -----------------------------------------------------------
+    metrics_port: int = Field(
+        9400, ge=0, le=65535, description="Prometheus port of ingest/worker (0 = off)"
+    )
 
     # --- model -------------------------------------------------------------
     registry_path: Path = Field(Path("var/registry"), description="Model registry directory")
@@ -56,6 +72,8 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(None, description="File with one API key per line")
     batch_get_max_ids: int = Field(1000, ge=1)
+    api_events_max: int = Field(1000, ge=1, description="Max events per POST /v1/events")
+    api_events_enabled: bool = Field(True, description="Serve POST /v1/events (to Kafka)")
     cold_start_404: bool = Field(False, description="404 instead of the cold-start embedding")
 
     # --- demo --------------------------------------------------------------
@@ -71,6 +89,26 @@ class Settings(BaseSettings):
                 f"unsupported redis_url {url!r}: use redis://, rediss://, unix:// or memory://"
             )
         return url
+
+    @property
+    def kafka_dlq_topic(self) -> str:
+        return f"{self.kafka_topic}.dlq"
+
+    def kafka_client_config(self) -> dict[str, str]:
+        """librdkafka properties shared by consumer, producer and admin clients."""
+        config = {
+            "bootstrap.servers": self.kafka_bootstrap,
+            "security.protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism:
+            config["sasl.mechanism"] = self.kafka_sasl_mechanism
+        if self.kafka_sasl_username:
+            config["sasl.username"] = self.kafka_sasl_username
+        if self.kafka_sasl_password:
+            config["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_ssl_ca_location:
+            config["ssl.ca.location"] = str(self.kafka_ssl_ca_location)
+        return {**config, **self.kafka_extra}
 
     def resolved_api_keys(self) -> list[str]:
         """Keys from the environment plus those in ``api_keys_file`` (blank lines skipped)."""

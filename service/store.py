@@ -30,7 +30,15 @@ from service.embeddings import (
     decode_embedding,
     encode_embedding,
 )
-from service.features import FeatureDecodeError, FeatureState, decode_features, encode_features
+from service.features import (
+    VERSION_OFFSET,
+    VERSION_SIZE,
+    FeatureDecodeError,
+    FeatureState,
+    decode_features,
+    encode_features,
+    encoded_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +69,17 @@ class Store(Protocol):
     async def get_features(self, user_ids: Sequence[str]) -> list[FeatureState | None]: ...
 
     async def put_features(
-        self, states: Mapping[str, FeatureState], dirty_at_ms: int | None = None
-    ) -> None:
-        """Write states and, when ``dirty_at_ms`` is given, mark those users dirty atomically."""
+        self,
+        states: Mapping[str, FeatureState],
+        dirty_at_ms: int | None = None,
+        expected_versions: Mapping[str, int] | None = None,
+    ) -> list[str]:
+        """Write states and, when ``dirty_at_ms`` is given, mark those users dirty, atomically.
+
+        With ``expected_versions`` (0 = no record yet) this is a compare-and-set per
+        user: a user whose stored version differs is neither written nor marked, and
+        is returned as a conflict. Without it every state is written; returns [].
+        """
 
     async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]: ...
 
@@ -119,12 +135,24 @@ class MemoryStore:
         return [_features_or_none(self._features.get(u), u) for u in user_ids]
 
     async def put_features(
-        self, states: Mapping[str, FeatureState], dirty_at_ms: int | None = None
-    ) -> None:
+        self,
+        states: Mapping[str, FeatureState],
+        dirty_at_ms: int | None = None,
+        expected_versions: Mapping[str, int] | None = None,
+    ) -> list[str]:
+        conflicts = []
+        written = []
         for user_id, state in states.items():
+            if expected_versions is not None:
+                stored = self._features.get(user_id, b"")
+                if _stored_version(stored) != encoded_version(expected_versions[user_id]):
+                    conflicts.append(user_id)
+                    continue
             self._features[user_id] = encode_features(state)
+            written.append(user_id)
         if dirty_at_ms is not None:
-            self._mark({u: dirty_at_ms for u in states})
+            self._mark(dict.fromkeys(written, dirty_at_ms))
+        return conflicts
 
     async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
         return [_embedding_or_none(self._embeddings.get(u), u) for u in user_ids]
@@ -179,6 +207,33 @@ def _unavailable_on_redis_errors() -> Iterator[None]:
         raise StoreUnavailable(f"redis error: {exc}") from exc
 
 
+# KEYS[1] = dirty queue, KEYS[1 + i] = feature key of user i.
+# ARGV[1] = dirty time ('' = do not mark); then per user: expected version bytes
+# ('' = no record), the new record, the user id. Returns the users not written.
+_CAS_FEATURES_LUA: Final = f"""
+local conflicts = {{}}
+local first, last = {VERSION_OFFSET}, {VERSION_OFFSET + VERSION_SIZE - 1}
+for i = 2, #KEYS do
+  local base = 1 + (i - 2) * 3
+  local stored = redis.call('GETRANGE', KEYS[i], first, last)
+  if stored == ARGV[base + 1] then
+    redis.call('SET', KEYS[i], ARGV[base + 2])
+    if ARGV[1] ~= '' then
+      redis.call('ZADD', KEYS[1], 'LT', ARGV[1], ARGV[base + 3])
+    end
+  else
+    conflicts[#conflicts + 1] = ARGV[base + 3]
+  end
+end
+return conflicts
+"""
+
+
+def _stored_version(record: bytes) -> bytes:
+    """The version bytes of a stored record, as Redis GETRANGE would return them."""
+    return record[VERSION_OFFSET : VERSION_OFFSET + VERSION_SIZE]
+
+
 class RedisStore:
     """Redis implementation: MGET for reads, one pipeline per bulk write, bounded timeouts."""
 
@@ -191,6 +246,7 @@ class RedisStore:
             retry=Retry(ExponentialBackoff(cap=timeout / 4, base=0.002), retries=1),
             decode_responses=False,
         )
+        self._cas_script = self._redis.register_script(_CAS_FEATURES_LUA)
 
     async def get_features(self, user_ids: Sequence[str]) -> list[FeatureState | None]:
         if not user_ids:
@@ -200,16 +256,41 @@ class RedisStore:
         return [_features_or_none(raw, u) for raw, u in zip(raws, user_ids, strict=True)]
 
     async def put_features(
-        self, states: Mapping[str, FeatureState], dirty_at_ms: int | None = None
-    ) -> None:
+        self,
+        states: Mapping[str, FeatureState],
+        dirty_at_ms: int | None = None,
+        expected_versions: Mapping[str, int] | None = None,
+    ) -> list[str]:
         if not states:
-            return
+            return []
+        if expected_versions is not None:
+            return await self._compare_and_set_features(states, dirty_at_ms, expected_versions)
         with _unavailable_on_redis_errors():
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.mset({feature_key(u): encode_features(s) for u, s in states.items()})
                 if dirty_at_ms is not None:
                     pipe.zadd(DIRTY_KEY, dict.fromkeys(states, dirty_at_ms), lt=True)
                 await pipe.execute()
+        return []
+
+    async def _compare_and_set_features(
+        self,
+        states: Mapping[str, FeatureState],
+        dirty_at_ms: int | None,
+        expected_versions: Mapping[str, int],
+    ) -> list[str]:
+        user_ids = list(states)
+        args: list[bytes | str] = ["" if dirty_at_ms is None else str(dirty_at_ms)]
+        for user_id in user_ids:
+            args += [
+                encoded_version(expected_versions[user_id]),
+                encode_features(states[user_id]),
+                user_id,
+            ]
+        keys = [DIRTY_KEY, *map(feature_key, user_ids)]
+        with _unavailable_on_redis_errors():
+            conflicts = await self._cas_script(keys=keys, args=args)
+        return [bytes(c).decode() for c in conflicts]
 
     async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
         if not user_ids:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Final
 
+import msgspec
 import numpy as np
 
 from service.events import Event, EventType
@@ -55,3 +56,24 @@ class SyntheticTraffic:
                 users.tolist(), items.tolist(), categories.tolist(), types.tolist(), strict=True
             )
         ]
+
+
+MALFORMED_KINDS: Final = ("not_json", "missing_user_id", "bad_user_id", "ts_in_seconds", "bad_type")
+
+
+def malformed_payload(event: Event, kind: str) -> bytes:
+    """A broken variant of ``event`` of the given kind: what the dead-letter topic is for."""
+    fields = msgspec.to_builtins(event)
+    if kind == "not_json":
+        return b'{"event_id": "' + event.event_id.encode() + b'", "user_id": '
+    if kind == "missing_user_id":
+        del fields["user_id"]
+    elif kind == "bad_user_id":
+        fields["user_id"] = "not a valid id!"
+    elif kind == "ts_in_seconds":
+        fields["ts"] = event.ts // 1000
+    elif kind == "bad_type":
+        fields["type"] = "teleport"
+    else:
+        raise ValueError(f"unknown malformed kind {kind!r}: one of {MALFORMED_KINDS}")
+    return msgspec.json.encode(fields)

@@ -17,8 +17,8 @@ from service.events import EventType
 from service.ingest import FeatureUpdater
 from service.redis_server import free_port
 from service.store import RedisStore
-from tests.e2e.conftest import userembed, wait_for
 from tests.helpers import event, log_of
+from tests.processes import userembed, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def test_events_in_embedding_out(
         assert second["status"] == "fresh" and second["embedding"] != first["embedding"]
         assert second["computed_at"] >= first["computed_at"]
         for process in (worker, api):
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            assert process.poll() is None, process.output()
 
 
 def test_demo_serves_embeddings_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
@@ -96,7 +96,8 @@ def test_demo_serves_embeddings_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> N
         )
         assert served["dim"] == 128 and served["model_version"] == "standin-1"
         os.killpg(demo.pid, signal.SIGINT)
-        output, _ = demo.communicate(timeout=20)
+        demo.wait(timeout=20)
+        output = demo.output()
     assert demo.returncode == 0, output
     assert f"curl -s http://127.0.0.1:{port}/v1/users/u42/embedding" in output
     assert "embeddings/s=" in output and "queue=" in output

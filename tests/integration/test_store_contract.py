@@ -102,3 +102,24 @@ async def test_redis_down_is_reported_as_unavailable_within_the_timeout() -> Non
             await store.ping()
     finally:
         await store.close()
+
+
+async def test_compare_and_set_writes_only_users_at_the_expected_version(store: Store) -> None:
+    first = {"a": state_for("a", 1), "b": state_for("b", 1)}
+    assert await store.put_features(first, BASE_TS, expected_versions={"a": 0, "b": 0}) == []
+    assert sorted(await store.pop_dirty(10)) == [("a", BASE_TS), ("b", BASE_TS)]
+    newer = apply_events(first["a"], log_of([event("a", ts=BASE_TS + 9)], 50), 10)[0]
+    # 'a' was read at version 1 (correct), 'b' is claimed absent (stale read): b conflicts
+    conflicts = await store.put_features(
+        {"a": newer, "b": state_for("b", 4)}, BASE_TS + 1, expected_versions={"a": 1, "b": 0}
+    )
+    assert conflicts == ["b"]
+    a, b = await store.get_features(["a", "b"])
+    assert a is not None and a.version == 2 and a.num_events == 2
+    assert b is not None and b.num_events == 1  # untouched
+    assert await store.pop_dirty(10) == [("a", BASE_TS + 1)]  # the conflict is not marked
+
+
+async def test_claiming_no_record_when_one_exists_is_a_conflict(store: Store) -> None:
+    await store.put_features({"a": state_for("a", 1)})
+    assert await store.put_features({"a": state_for("a", 2)}, expected_versions={"a": 0}) == ["a"]

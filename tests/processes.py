@@ -1,4 +1,4 @@
-"""Helpers to run userembed roles as real processes."""
+"""Run userembed roles as real processes, and wait for what they should bring about."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 import httpx
@@ -16,17 +18,30 @@ import httpx
 T = TypeVar("T")
 
 
+class Role(subprocess.Popen[str]):
+    """A running ``userembed`` process whose combined output goes to a log file."""
+
+    log_path: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
 @contextmanager
-def userembed(*args: str, env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
-    """Run ``userembed ARGS`` in its own process group; stop it by PID at exit."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+def userembed(*args: str, env: dict[str, str]) -> Iterator[Role]:
+    """Run ``userembed ARGS`` in its own process group, output to a file (a pipe nobody
+    reads could fill and stall it); stop it by PID at exit."""
+    log_path = Path(tempfile.mkstemp(prefix="userembed-", suffix=".log")[1])
+    with log_path.open("w") as log:
+        process = Role(
+            [sys.executable, "-m", "service.cli", *args],
+            env={**os.environ, "USEREMBED_METRICS_PORT": "0", **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    process.log_path = log_path
     try:
         yield process
     finally:

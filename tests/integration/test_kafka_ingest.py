@@ -1,0 +1,285 @@
+"""Kafka ingest against a real Kafka-protocol broker (librdkafka's mock cluster, or
+KAFKA_BOOTSTRAP) and a real redis-server: exactly once in effect, dead letters,
+crashes, redelivery and consumer groups."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from service.clock import now_ms
+from service.events import Event, SourcedEvent, encode_event
+from service.features import FeatureState, apply_events
+from service.ingest import FeatureUpdater, run_ingest
+from service.kafka import DLQ_REASON_HEADER, KafkaEventSource
+from service.kafka_mock import mock_kafka_cluster
+from service.settings import Settings
+from service.store import RedisStore
+from service.synthetic import MALFORMED_KINDS, SyntheticTraffic, malformed_payload
+from tests.processes import userembed, wait_for
+
+pytestmark = pytest.mark.slow
+HISTORY = 50
+
+
+@pytest.fixture(scope="module")
+def kafka_bootstrap() -> Iterator[str]:
+    configured = os.environ.get("KAFKA_BOOTSTRAP")
+    if configured:
+        yield configured
+        return
+    with mock_kafka_cluster() as bootstrap:
+        yield bootstrap
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, clean_redis: str) -> Settings:
+    """A fresh topic and group per test, so tests never see each other's messages."""
+    name = f"events-{uuid.uuid4().hex[:8]}"
+    return Settings(
+        redis_url=clean_redis,
+        kafka_bootstrap=kafka_bootstrap,
+        kafka_topic=name,
+        kafka_group=f"{name}-group",
+        history_length=HISTORY,
+        ingest_batch_max_events=500,
+    )
+
+
+def env_of(settings: Settings) -> dict[str, str]:
+    return {
+        "USEREMBED_REDIS_URL": settings.redis_url,
+        "USEREMBED_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "USEREMBED_KAFKA_TOPIC": settings.kafka_topic,
+        "USEREMBED_KAFKA_GROUP": settings.kafka_group,
+        "USEREMBED_HISTORY_LENGTH": str(HISTORY),
+        "USEREMBED_INGEST_BATCH_MAX_EVENTS": "200",
+        # a killed member is noticed after 6 s instead of the default 45 s
+        "USEREMBED_KAFKA_EXTRA": '{"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"}',
+    }
+
+
+def produce(settings: Settings, messages: list[tuple[str, bytes]]) -> None:
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 5})
+    for key, value in messages:
+        producer.produce(settings.kafka_topic, key=key, value=value)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+def synthetic_events(count: int, users: int = 40) -> list[Event]:
+    return SyntheticTraffic(users, seed=3).events(count, now_ms())
+
+
+def reference_states(events: list[Event]) -> dict[str, FeatureState]:
+    """What every user's state must be: all its events applied once, in log order."""
+    by_user: dict[str, list[SourcedEvent]] = defaultdict(list)
+    for offset, event in enumerate(events):
+        by_user[event.user_id].append(SourcedEvent(event, 0, offset))
+    return {u: apply_events(FeatureState.empty(), evs, HISTORY)[0] for u, evs in by_user.items()}
+
+
+async def stored_states(redis_url: str, user_ids: list[str]) -> list[FeatureState | None]:
+    store = RedisStore(redis_url, timeout_ms=2000)
+    try:
+        return await store.get_features(user_ids)
+    finally:
+        await store.close()
+
+
+def matches(state: FeatureState | None, expected: FeatureState) -> bool:
+    return (
+        state is not None
+        and state.timestamps.tolist() == expected.timestamps.tolist()
+        and state.item_hashes.tolist() == expected.item_hashes.tolist()
+        and state.category_hashes.tolist() == expected.category_hashes.tolist()
+        and state.types.tolist() == expected.types.tolist()
+        and state.last_event_ms == expected.last_event_ms
+        and bool(np.allclose(state.counters, expected.counters, rtol=1e-5, atol=1e-6))
+    )
+
+
+def all_match(redis_url: str, reference: dict[str, FeatureState]) -> bool:
+    users = sorted(reference)
+    states = asyncio.run(stored_states(redis_url, users))
+    return all(matches(s, reference[u]) for s, u in zip(states, users, strict=True))
+
+
+async def ingest_until(settings: Settings, done: Any, timeout_s: float = 60.0) -> FeatureUpdater:
+    """Run in-process ingest until ``done()`` (checked between batches) or time out."""
+    store = RedisStore(settings.redis_url, timeout_ms=2000)
+    source = KafkaEventSource(settings)
+    updater = FeatureUpdater(store, settings.history_length)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_ingest(source, updater, stop, max_wait_s=0.2))
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not await done(store):
+            assert asyncio.get_running_loop().time() < deadline, "ingest did not finish in time"
+            assert not task.done(), task.exception()
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await task
+        await source.close()
+        await store.close()
+    return updater
+
+
+def reaches(reference: dict[str, FeatureState]) -> Any:
+    users = sorted(reference)
+
+    async def done(store: RedisStore) -> bool:
+        states = await store.get_features(users)
+        return all(matches(s, reference[u]) for s, u in zip(states, users, strict=True))
+
+    return done
+
+
+async def test_feature_states_equal_the_reference(settings: Settings) -> None:
+    events = synthetic_events(3000)
+    produce(settings, [(e.user_id, encode_event(e)) for e in events])
+    updater = await ingest_until(settings, reaches(reference_states(events)))
+    assert updater.applied_total == len(events)
+
+
+async def test_redelivered_messages_are_not_counted_twice(settings: Settings) -> None:
+    events = synthetic_events(1000)
+    produce(settings, [(e.user_id, encode_event(e)) for e in events])
+    reference = reference_states(events)
+    await ingest_until(settings, reaches(reference))
+    users = sorted(reference)
+    before = [s.version for s in await stored_states(settings.redis_url, users) if s]
+
+    # A group with no committed offsets starts from the beginning: every message is
+    # delivered a second time, at the same (partition, offset), as after lost commits.
+    settings = settings.model_copy(update={"kafka_group": settings.kafka_group + "-again"})
+
+    seen: list[int] = []
+
+    async def redelivered_everything(_: RedisStore) -> bool:
+        return sum(seen) >= len(events)
+
+    store = RedisStore(settings.redis_url)
+    updater = FeatureUpdater(store, HISTORY)
+    original_apply = updater.apply
+
+    async def counting_apply(batch: Any) -> Any:
+        result = await original_apply(batch)
+        seen.append(len(batch))
+        assert result.applied == 0 and result.duplicates == len(batch)
+        return result
+
+    updater.apply = counting_apply  # type: ignore[method-assign]
+    source = KafkaEventSource(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_ingest(source, updater, stop, max_wait_s=0.2))
+    deadline = asyncio.get_running_loop().time() + 60
+    while not await redelivered_everything(store):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.1)
+    stop.set()
+    await task
+    await source.close()
+    await store.close()
+    after = [s.version for s in await stored_states(settings.redis_url, users) if s]
+    assert after == before  # nothing was written again
+    check = RedisStore(settings.redis_url)
+    assert await reaches(reference)(check)
+    await check.close()
+
+
+async def test_malformed_messages_go_to_the_dlq_with_reasons(settings: Settings) -> None:
+    good = synthetic_events(400)
+    bad_events = synthetic_events(len(MALFORMED_KINDS) * 2)
+    bad = [
+        (e.user_id, malformed_payload(e, MALFORMED_KINDS[i % len(MALFORMED_KINDS)]))
+        for i, e in enumerate(bad_events)
+    ]
+    mixed = [(e.user_id, encode_event(e)) for e in good]
+    for i, message in enumerate(bad):  # spread the bad ones through the batch
+        mixed.insert(i * 40, message)
+    produce(settings, mixed)
+    await ingest_until(settings, reaches(reference_states(good)))
+
+    dlq = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"dlq-reader-{uuid.uuid4().hex[:6]}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    dlq.subscribe([settings.kafka_dlq_topic])
+    dead: list[Any] = []
+    deadline = asyncio.get_running_loop().time() + 30
+    while len(dead) < len(bad) and asyncio.get_running_loop().time() < deadline:
+        dead += [m for m in dlq.consume(100, 0.5) if m.error() is None]
+    dlq.close()
+    assert sorted(m.value() for m in dead) == sorted(value for _, value in bad)
+    for message in dead:
+        headers = dict(message.headers() or [])
+        assert headers[DLQ_REASON_HEADER]
+        assert headers["userembed.topic"].decode() == settings.kafka_topic
+        assert int(headers["userembed.offset"]) >= 0
+    reasons = " | ".join(dict(m.headers())[DLQ_REASON_HEADER].decode() for m in dead)
+    for expected in ("not valid JSON", "missing required field `user_id`", "invalid user_id"):
+        assert expected in reasons
+    assert "epoch milliseconds, not seconds" in reasons and "Invalid enum value" in reasons
+
+
+def test_kill_9_mid_stream_then_restart_loses_nothing_and_counts_nothing_twice(
+    settings: Settings,
+) -> None:
+    events = synthetic_events(20_000, users=200)
+    reference = reference_states(events)
+    produce(settings, [(e.user_id, encode_event(e)) for e in events])
+    env = env_of(settings)
+    with userembed("ingest", env=env) as first:
+        wait_for(
+            lambda: any(asyncio.run(stored_states(settings.redis_url, sorted(reference)))),
+            60,
+            "ingest to make progress",
+        )
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(10)
+    assert not all_match(settings.redis_url, reference), "killed too late to test anything"
+    with userembed("ingest", env=env) as second:
+        wait_for(lambda: all_match(settings.redis_url, reference), 120, "states to match")
+        os.killpg(second.pid, signal.SIGTERM)
+        assert second.wait(30) == 0, second.output()
+    assert "event=ingest_stopped" in second.output()
+
+
+def test_two_ingest_processes_split_the_partitions(settings: Settings) -> None:
+    events = synthetic_events(4000, users=100)
+    reference = reference_states(events)
+    messages = [(e.user_id, encode_event(e)) for e in events]
+    produce(settings, messages[:10])  # the topic exists before the members subscribe
+    env = env_of(settings)
+    with userembed("ingest", env=env) as a, userembed("ingest", env=env) as b:
+        wait_for(
+            lambda: _last_assignment(a.output()) and _last_assignment(b.output()),
+            90,
+            "both members to hold partitions",
+        )
+        produce(settings, messages[10:])
+        wait_for(lambda: all_match(settings.redis_url, reference), 120, "states to match")
+        outputs = (a.output(), b.output())
+    assigned = [_last_assignment(out) for out in outputs]
+    assert all(assigned), outputs
+    assert sorted(assigned[0] + assigned[1]) == [0, 1, 2, 3]
+
+
+def _last_assignment(output: str) -> list[int]:
+    lines = [line for line in output.splitlines() if "event=partitions_assigned" in line]
+    text = lines[-1].split("partitions=")[1] if lines else "[]"
+    return [int(p) for p in text.strip("[] \n").split(",") if p.strip()]
