@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -234,6 +235,20 @@ def _cmd_bench_read(args: argparse.Namespace) -> None:
     run_read_bench(config)
 
 
+def _cmd_bench_ingest(args: argparse.Namespace) -> None:
+    from service.bench_ingest import IngestBenchConfig, run_ingest_bench
+
+    run_ingest_bench(
+        IngestBenchConfig(
+            events=args.events,
+            users=args.users,
+            batch=args.batch,
+            redis_url=args.redis_url,
+            kafka_bootstrap=args.kafka_bootstrap or os.environ.get("KAFKA_BOOTSTRAP"),
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="userembed",
@@ -290,6 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     read.add_argument("--users", type=int, default=10_000)
     read.set_defaults(func=_cmd_bench_read)
+    ingest_bench = bench_sub.add_parser("ingest", help="events/s: memory vs Kafka, decoders")
+    ingest_bench.add_argument("--events", type=int, default=40_000)
+    ingest_bench.add_argument("--users", type=int, default=10_000)
+    ingest_bench.add_argument("--batch", type=int, default=5000)
+    ingest_bench.add_argument("--redis-url", help="existing Redis (default: a private one)")
+    ingest_bench.add_argument(
+        "--kafka-bootstrap", help="existing Kafka (default: KAFKA_BOOTSTRAP or the mock cluster)"
+    )
+    ingest_bench.set_defaults(func=_cmd_bench_ingest)
     return parser
 
 

@@ -8,6 +8,7 @@ highest Kafka (partition, offset) applied so that a redelivered event is skipped
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Sequence
@@ -43,10 +44,12 @@ class FeatureDecodeError(ValueError):
     """A stored feature record that this build cannot read."""
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def hash_id(value: str | int | None) -> int:
     """Stable 63-bit hash of an item or category id; 0 is reserved for 'none'.
 
-    Ints and their decimal strings hash alike, so producers may send either.
+    Ints and their decimal strings hash alike, so producers may send either. Cached:
+    popular items and categories recur in almost every batch.
     """
     if value is None:
         return 0

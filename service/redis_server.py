@@ -22,12 +22,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def private_redis(start_timeout_s: float = 10.0) -> Iterator[str]:
-    """Start ``redis-server`` and yield its URL; raise RuntimeError if it is not installed."""
+def private_redis(port: int | None = None, start_timeout_s: float = 10.0) -> Iterator[str]:
+    """Start ``redis-server`` (on ``port``, default a free one) and yield its URL; raise
+    RuntimeError if it is not installed."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
+    port = port or free_port()
     with tempfile.TemporaryDirectory(prefix="userembed-redis-") as workdir:
         process = subprocess.Popen(
             [

@@ -12,16 +12,21 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
+import redis
 from confluent_kafka import Consumer, Producer
+from prometheus_client import REGISTRY
 
+from service.api import create_app
 from service.clock import now_ms
 from service.events import Event, SourcedEvent, encode_event
 from service.features import FeatureState, apply_events
 from service.ingest import FeatureUpdater, run_ingest
-from service.kafka import DLQ_REASON_HEADER, KafkaEventSource
+from service.kafka import DLQ_REASON_HEADER, KafkaEventSink, KafkaEventSource
 from service.kafka_mock import mock_kafka_cluster
+from service.redis_server import private_redis
 from service.settings import Settings
 from service.store import RedisStore
 from service.synthetic import MALFORMED_KINDS, SyntheticTraffic, malformed_payload
@@ -283,3 +288,55 @@ def _last_assignment(output: str) -> list[int]:
     lines = [line for line in output.splitlines() if "event=partitions_assigned" in line]
     text = lines[-1].split("partitions=")[1] if lines else "[]"
     return [int(p) for p in text.strip("[] \n").split(",") if p.strip()]
+
+
+async def test_posted_events_reach_the_feature_state_through_kafka(settings: Settings) -> None:
+    events = synthetic_events(50, users=5)
+    sink = KafkaEventSink(settings)
+    app = create_app(
+        RedisStore(settings.redis_url), settings, lambda: None, event_sink=sink, clock=now_ms
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        response = await client.post(
+            "/v1/events", content=b"[" + b",".join(encode_event(e) for e in events) + b"]"
+        )
+    assert (response.status_code, response.json()) == (202, {"accepted": 50})
+    await ingest_until(settings, reaches(reference_states(events)))
+
+
+def store_retries() -> float:
+    value = REGISTRY.get_sample_value("userembed_ingest_retries_total", {"operation": "store"})
+    return value or 0.0
+
+
+async def test_a_redis_outage_is_retried_and_nothing_is_committed_until_applied(
+    settings: Settings,
+) -> None:
+    events = synthetic_events(300)
+    with private_redis() as url:
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        settings = settings.model_copy(update={"redis_url": url})
+        store = RedisStore(url, timeout_ms=200)
+        source = KafkaEventSource(settings)
+        stop = asyncio.Event()
+        before = store_retries()
+        task = asyncio.create_task(
+            run_ingest(source, FeatureUpdater(store, HISTORY), stop, max_backoff_s=0.5)
+        )
+        redis.Redis.from_url(url).shutdown(nosave=True)
+        produce(settings, [(e.user_id, encode_event(e)) for e in events])
+        deadline = asyncio.get_running_loop().time() + 30
+        while store_retries() == before:
+            assert asyncio.get_running_loop().time() < deadline, "no retry while Redis was down"
+            await asyncio.sleep(0.1)
+        with private_redis(port=port):  # Redis is back, empty, on the same address
+            checker = RedisStore(url)
+            while not await reaches(reference_states(events))(checker):
+                assert asyncio.get_running_loop().time() < deadline + 60
+                await asyncio.sleep(0.1)
+            await checker.close()
+            stop.set()
+            await task
+            await source.close()
+            await store.close()

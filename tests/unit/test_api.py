@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from service.api import create_app
 from service.cold_start import ColdStart
 from service.embeddings import EmbeddingRecord
+from service.ingest import InProcessEventSource
 from service.refresh import RefreshRequester
 from service.settings import Settings
 from service.store import MemoryStore
@@ -217,3 +218,47 @@ async def test_refresh_requester_coalesces_and_bounds(store: MemoryStore) -> Non
     assert requester.request(["a"]) == 1
     assert await requester.flush() == 1
     assert await store.pop_dirty(10) == [("a", BASE_TS), ("b", BASE_TS)]
+
+
+def event_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "event_id": "e1",
+        "user_id": "u1",
+        "ts": BASE_TS,
+        "type": "click",
+        "item_id": "i1",
+    }
+    body.update(overrides)
+    return body
+
+
+def test_posted_events_are_validated_and_handed_to_the_sink(
+    store: MemoryStore, clock: Clock
+) -> None:
+    sink = InProcessEventSource()
+    config = Settings()
+    app = create_app(store, config, lambda: COLD, event_sink=sink, clock=clock)
+    with TestClient(app) as c:
+        accepted = c.post("/v1/events", json=[event_body(), event_body(event_id="e2")])
+        rejected = c.post(
+            "/v1/events",
+            json=[event_body(), event_body(user_id="a b"), event_body(ts="now")],
+        )
+        empty = c.post("/v1/events", json=[])
+        not_json = c.post("/v1/events", content=b"[{")
+    assert (accepted.status_code, accepted.json()) == (202, {"accepted": 2})
+    assert sink.pending == 2
+    assert rejected.status_code == 400
+    error = rejected.json()["error"]
+    assert error["code"] == "invalid_events"
+    assert error["message"] == "2 of 3 events rejected; nothing was accepted"
+    assert [d["index"] for d in error["details"]] == [1, 2]
+    assert "invalid user_id 'a b'" in error["details"][0]["reason"]
+    assert "Expected `int`, got `str` - at `$.ts`" in error["details"][1]["reason"]
+    assert empty.status_code == 400 and not_json.status_code == 400
+
+
+def test_event_intake_without_a_sink_is_503(client: TestClient) -> None:
+    response = client.post("/v1/events", json=[event_body()])
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "intake_disabled"
