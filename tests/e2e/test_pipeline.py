@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +77,21 @@ def test_events_in_embedding_out(
         assert second["computed_at"] >= first["computed_at"]
         for process in (worker, api):
             assert process.poll() is None, process.output()
+
+    inspected = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "service.cli", "inspect", "alice"],
+            env={**os.environ, **env},
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+    )
+    assert inspected["features"]["version"] == version
+    assert len(inspected["features"]["history"]["timestamps"]) == 5
+    assert inspected["embedding"]["feature_version"] == version
+    assert inspected["embedding"]["dtype"] == "float16"
+    assert len(inspected["embedding"]["vector"]) == 128
 
 
 def test_demo_serves_embeddings_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
