@@ -5,6 +5,7 @@ crashes, redelivery and consumer groups."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import uuid
@@ -44,6 +45,7 @@ def kafka_bootstrap() -> Iterator[str]:
         return
     with mock_kafka_cluster() as bootstrap:
         yield bootstrap
+        gc.collect()  # destroy clients held in cycles while their broker still exists
 
 
 @pytest.fixture
@@ -293,14 +295,17 @@ def _last_assignment(output: str) -> list[int]:
 async def test_posted_events_reach_the_feature_state_through_kafka(settings: Settings) -> None:
     events = synthetic_events(50, users=5)
     sink = KafkaEventSink(settings)
-    app = create_app(
-        RedisStore(settings.redis_url), settings, lambda: None, event_sink=sink, clock=now_ms
-    )
+    store = RedisStore(settings.redis_url)
+    app = create_app(store, settings, lambda: None, event_sink=sink, clock=now_ms)
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
-        response = await client.post(
-            "/v1/events", content=b"[" + b",".join(encode_event(e) for e in events) + b"]"
-        )
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            response = await client.post(
+                "/v1/events", content=b"[" + b",".join(encode_event(e) for e in events) + b"]"
+            )
+    finally:
+        await sink.close()
+        await store.close()
     assert (response.status_code, response.json()) == (202, {"accepted": 50})
     await ingest_until(settings, reaches(reference_states(events)))
 
