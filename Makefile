@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench-read clean venv
+.PHONY: demo test lint typecheck bench-read default-model clean venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ typecheck: $(STAMP)
 ## Read-path benchmark: API over HTTP vs a raw async Redis GET, against a real redis-server.
 bench-read: $(STAMP)
 	$(BIN)/userembed bench read
+
+## Re-train the committed default model of the demo (models/artifacts, ~75 s on 2 cores).
+default-model: $(STAMP)
+	rm -rf models/artifacts
+	$(BIN)/userembed train --registry models/artifacts --version sum-default-1 --parent none
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

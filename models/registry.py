@@ -4,33 +4,46 @@ Layout::
 
     <root>/<version>/model.onnx
     <root>/<version>/manifest.json
-    <root>/CURRENT            # name of the version to serve
+    <root>/<version>/alignment.npy   # optional: this space -> the parent's (Procrustes)
+    <root>/CURRENT                   # name of the version to serve
 
-Publishing writes a version directory completely, under a temporary name, then
-renames it into place and swaps CURRENT atomically, so a reader never sees half an
-artifact. Loading verifies the ONNX file's sha256 against the manifest, and the
-input-schema hash against the schema itself, and refuses anything that does not match.
+Publishing writes a version directory completely under a temporary dot-name,
+fsyncs the files and the directory, renames it into place and swaps CURRENT by
+write-fsync-rename, so a reader never sees half an artifact, even after a crash.
+Loading verifies the sha256 of every file against the manifest, the input-schema
+hash against the schema, the ONNX graph's inputs against the schema, and
+(optionally) the schema against the one the caller assembles; it refuses any
+mismatch with a clear error.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
+import onnx
 
 from service.tensors import InputSchema
+
+if TYPE_CHECKING:
+    from service.features import FeatureState
 
 CURRENT_FILE: Final = "CURRENT"
 MODEL_FILE: Final = "model.onnx"
 MANIFEST_FILE: Final = "manifest.json"
+ALIGNMENT_FILE: Final = "alignment.npy"
 _VERSION_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -38,8 +51,23 @@ class RegistryError(RuntimeError):
     """The registry is empty, or an artifact is missing, corrupted or inconsistent."""
 
 
+class Alignment(msgspec.Struct, frozen=True):
+    """An orthogonal map (alignment.npy) from this version's space onto the parent's.
+
+    ``parent_embedding ~= embedding @ R``; the cosines say how much drift it removes.
+    """
+
+    parent_version: str
+    file: str
+    sha256: str
+    sample_size: int
+    mean_cosine_before: float
+    mean_cosine_after: float
+
+
 class Manifest(msgspec.Struct, frozen=True):
-    """What a model version says about itself (manifest.json)."""
+    """What a model version says about itself (manifest.json). New fields need defaults
+    so that older manifests keep loading."""
 
     version: str
     input_schema: dict[str, object]
@@ -52,6 +80,10 @@ class Manifest(msgspec.Struct, frozen=True):
     kind: str = "sum"
     training_metrics: dict[str, float] = msgspec.field(default_factory=dict)
     created_at: str = ""
+    alignment: Alignment | None = None
+    # free-form facts about the model: tower config, export parity, extra files
+    details: dict[str, object] = msgspec.field(default_factory=dict)
+    files: dict[str, str] = msgspec.field(default_factory=dict)  # extra file -> sha256
 
     @property
     def schema(self) -> InputSchema:
@@ -68,6 +100,17 @@ class ModelArtifact:
     @property
     def version(self) -> str:
         return self.manifest.version
+
+    @property
+    def directory(self) -> Path:
+        return self.model_path.parent
+
+    def alignment_matrix(self) -> npt.NDArray[np.float32] | None:
+        """R with parent ~= self @ R, or None when the version has no alignment."""
+        if self.manifest.alignment is None:
+            return None
+        matrix = np.load(self.directory / self.manifest.alignment.file, allow_pickle=False)
+        return np.asarray(matrix, dtype=np.float32)
 
 
 def _sha256(path: Path) -> str:
@@ -104,8 +147,38 @@ def load_manifest(root: Path, version: str) -> Manifest:
         raise RegistryError(f"model {version}: manifest.json is malformed: {exc}") from None
 
 
-def load_artifact(root: Path, version: str | None = None) -> ModelArtifact:
-    """Load and verify ``version`` (default: CURRENT); raise :class:`RegistryError` if unusable."""
+def list_versions(root: Path) -> list[str]:
+    """Published versions, oldest first (staging directories start with '.')."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return [p.name for p in sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))]
+
+
+def _check_graph_inputs(version: str, model_path: Path, schema: InputSchema) -> None:
+    """The ONNX graph must take the schema's inputs with the schema's static shapes."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    wanted = schema.inputs()
+    for value in graph.input:
+        if value.name not in wanted:
+            continue  # initializers listed as inputs by old exporters
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        expected = wanted[value.name][1]
+        if [d if isinstance(d, int) else "dyn" for d in dims[1:]] != expected[1:]:
+            raise RegistryError(
+                f"model {version}: input {value.name} has shape {dims}, its manifest schema "
+                f"says {expected}: refusing a model whose graph does not match its schema"
+            )
+
+
+def load_artifact(
+    root: Path, version: str | None = None, *, expected_schema: InputSchema | None = None
+) -> ModelArtifact:
+    """Load and verify ``version`` (default: CURRENT); raise :class:`RegistryError` if unusable.
+
+    ``expected_schema``: the schema the caller will assemble tensors with; a model
+    trained on another schema is refused instead of being fed the wrong tensors.
+    """
     version = version or current_version(root)
     if version is None:
         raise RegistryError(f"model registry {root} is empty: publish a model first")
@@ -123,9 +196,44 @@ def load_artifact(root: Path, version: str | None = None) -> ModelArtifact:
         )
     if manifest.schema.digest() != manifest.input_schema_hash:
         raise RegistryError(f"model {version}: input schema does not match its hash")
+    if expected_schema is not None and expected_schema.digest() != manifest.input_schema_hash:
+        raise RegistryError(
+            f"model {version}: input schema {manifest.input_schema_hash[:12]}... "
+            f"({manifest.schema}) differs from the expected {expected_schema.digest()[:12]}... "
+            f"({expected_schema}): refusing to feed it tensors of another schema"
+        )
     if len(manifest.cold_start_embedding) != manifest.output_dim:
         raise RegistryError(f"model {version}: cold-start embedding is not {manifest.output_dim}-d")
+    extra = dict(manifest.files)
+    if manifest.alignment is not None:
+        extra[manifest.alignment.file] = manifest.alignment.sha256
+    for name, digest in extra.items():
+        path = root / version / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise RegistryError(f"model {version}: {name} is missing or its sha256 does not match")
+    _check_graph_inputs(version, model_path, manifest.schema)
     return ModelArtifact(manifest=manifest, model_path=model_path)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def publish(
@@ -141,13 +249,48 @@ def publish(
     kind: str = "sum",
     training_metrics: dict[str, float] | None = None,
     make_current: bool = True,
+    details: dict[str, object] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+    alignment_states: Sequence[FeatureState] | None = None,
+    alignment_now_ms: int = 0,
 ) -> ModelArtifact:
-    """Write a new version atomically and (by default) make it CURRENT."""
+    """Write a new version atomically and (by default) make it CURRENT.
+
+    With a ``parent_version`` and ``alignment_states`` (a sample of users), also fit
+    the orthogonal map from this version's embeddings onto the parent's and store it
+    as alignment.npy with the drift it removes (see :mod:`models.alignment`).
+    """
     check_version_name(version)
     root.mkdir(parents=True, exist_ok=True)
     final = root / version
     if final.exists():
         raise RegistryError(f"model {version} already exists in {root}: versions are immutable")
+    files = dict(extra_files or {})
+    for name in files:
+        if name in (MODEL_FILE, MANIFEST_FILE, ALIGNMENT_FILE) or "/" in name:
+            raise RegistryError(f"extra file name {name!r} is reserved or not a plain name")
+    alignment = None
+    if parent_version is not None and alignment_states is not None:
+        from models.alignment import fit_to_parent
+
+        fitted = fit_to_parent(
+            load_artifact(root, parent_version),
+            onnx_bytes,
+            schema,
+            alignment_states,
+            alignment_now_ms,
+        )
+        buffer = io.BytesIO()
+        np.save(buffer, fitted.rotation.astype(np.float32), allow_pickle=False)
+        files[ALIGNMENT_FILE] = buffer.getvalue()
+        alignment = Alignment(
+            parent_version=parent_version,
+            file=ALIGNMENT_FILE,
+            sha256=hashlib.sha256(files[ALIGNMENT_FILE]).hexdigest(),
+            sample_size=fitted.sample_size,
+            mean_cosine_before=fitted.mean_cosine_before,
+            mean_cosine_after=fitted.mean_cosine_after,
+        )
     manifest = Manifest(
         version=version,
         input_schema=schema.to_dict(),
@@ -160,12 +303,23 @@ def publish(
         kind=kind,
         training_metrics=dict(training_metrics or {}),
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        alignment=alignment,
+        details=dict(details or {}),
+        files={
+            name: hashlib.sha256(data).hexdigest()
+            for name, data in files.items()
+            if name != ALIGNMENT_FILE
+        },
     )
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=root))
     try:
-        (staging / MODEL_FILE).write_bytes(onnx_bytes)
-        (staging / MANIFEST_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(manifest)))
+        _write_synced(staging / MODEL_FILE, onnx_bytes)
+        for name, data in files.items():
+            _write_synced(staging / name, data)
+        _write_synced(staging / MANIFEST_FILE, msgspec.json.format(msgspec.json.encode(manifest)))
+        _fsync_dir(staging)
         staging.rename(final)
+        _fsync_dir(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -174,9 +328,33 @@ def publish(
     return load_artifact(root, version)
 
 
+def install(root: Path, artifact: ModelArtifact, *, make_current: bool = True) -> ModelArtifact:
+    """Copy a verified version from another registry (byte for byte, manifest included),
+    with the same staging, fsync and rename as :func:`publish`."""
+    version = artifact.version
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / version
+    if not final.exists():
+        staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=root))
+        try:
+            for source in sorted(artifact.directory.iterdir()):
+                if source.is_file():
+                    _write_synced(staging / source.name, source.read_bytes())
+            _fsync_dir(staging)
+            staging.rename(final)
+            _fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    if make_current:
+        set_current(root, version)
+    return load_artifact(root, version)
+
+
 def set_current(root: Path, version: str) -> None:
     """Point CURRENT at ``version`` (write-then-rename: readers see old or new, never half)."""
     load_artifact(root, version)
-    tmp = root / f".{CURRENT_FILE}.{os.getpid()}"
-    tmp.write_text(version + "\n")
+    tmp = root / f".{CURRENT_FILE}.{os.getpid()}.{time.monotonic_ns()}"
+    _write_synced(tmp, (version + "\n").encode())
     tmp.replace(root / CURRENT_FILE)
+    _fsync_dir(root)

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from models.cli import add_model_commands
 from service.settings import Settings
 
 
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="print a user's feature state and embedding")
     inspect.add_argument("user_id")
     inspect.set_defaults(func=_cmd_inspect)
+
+    add_model_commands(sub)  # train, bench-model, export-world (torch imported on use)
 
     bench = sub.add_parser("bench", help="benchmarks that print numbers next to a baseline")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -11,11 +11,10 @@ import asyncio
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import TextIO
 
-from models.registry import ModelArtifact, current_version, load_artifact
-from models.standin import publish_standin
+from models.default import ensure_default_model
+from models.world import World, WorldConfig
 from service.api import create_app
 from service.clock import now_ms, sleep_unless_stopped
 from service.cold_start import RegistryColdStart
@@ -24,22 +23,14 @@ from service.runtime import OnnxModelRuntime
 from service.server import EmbeddedServer, http_config, install_stop_handlers
 from service.settings import Settings
 from service.store import Store, open_store
-from service.synthetic import SyntheticTraffic
+from service.synthetic import EventGenerator
 from service.worker import EmbeddingWorker, WorkerConfig
 
 log = logging.getLogger(__name__)
 
 
-def ensure_model(registry: Path, history_length: int) -> ModelArtifact:
-    """The CURRENT model, publishing the stand-in first when the registry is empty."""
-    if current_version(registry) is None:
-        log.info("event=registry_empty action=publish_standin path=%s", registry)
-        return publish_standin(registry, history_length=history_length)
-    return load_artifact(registry)
-
-
 async def _generate(
-    source: InProcessEventSource, traffic: SyntheticTraffic, rate: float, stop: asyncio.Event
+    source: InProcessEventSource, traffic: EventGenerator, rate: float, stop: asyncio.Event
 ) -> None:
     """Publish events at ``rate`` per second, in 20 ms ticks, without drifting."""
     tick, owed, last = 0.02, 0.0, time.monotonic()
@@ -87,13 +78,14 @@ async def _report(
 
 async def run_demo(settings: Settings, *, duration_s: float | None = None) -> None:
     """Run until Ctrl-C / SIGTERM (or ``duration_s``), then stop every part cleanly."""
-    artifact = ensure_model(settings.registry_path, settings.history_length)
+    artifact = ensure_default_model(settings.registry_path, settings.history_length)
     runtime = OnnxModelRuntime.from_artifact(artifact)
     store = open_store(settings.redis_url, settings.redis_timeout_ms)
     source = InProcessEventSource()
     updater = FeatureUpdater(store, settings.history_length)
     worker = EmbeddingWorker(store, runtime, WorkerConfig.from_settings(settings))
-    traffic = SyntheticTraffic(settings.demo_users, settings.demo_seed)
+    # seed 0: the world the default model was trained on (same items and categories)
+    traffic = World(WorldConfig(users=settings.demo_users, seed=0))
     app = create_app(store, settings, RegistryColdStart(settings.registry_path), event_sink=source)
     server = EmbeddedServer(http_config(app, settings.api_host, settings.api_port))
 

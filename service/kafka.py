@@ -177,8 +177,10 @@ class KafkaEventSource:
                 INGEST_LAG.labels(name).set(lag)
 
     async def close(self) -> None:
+        """Leave the group and release the clients (no background reconnects after this)."""
         await asyncio.to_thread(self._consumer.close)
         await asyncio.to_thread(self._producer.flush, 5.0)
+        del self._producer
 
 
 def _log_client_error(error: KafkaError) -> None:
@@ -238,4 +240,6 @@ class KafkaEventSink:
             raise SinkUnavailable(f"Kafka did not accept {len(events) - delivered} events: {why}")
 
     async def close(self) -> None:
+        """Deliver what is queued and release the client."""
         await asyncio.to_thread(self._producer.flush, self._timeout_s)
+        del self._producer

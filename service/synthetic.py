@@ -8,7 +8,7 @@ ground-truth world of models/ once it exists; the event contract is the same.
 from __future__ import annotations
 
 import uuid
-from typing import Final
+from typing import Final, Protocol
 
 import msgspec
 import numpy as np
@@ -20,6 +20,12 @@ _TYPES: Final = list(EventType)
 _TYPE_WEIGHTS: Final = np.array([0.70, 0.17, 0.05, 0.02, 0.01, 0.03, 0.015, 0.005])
 NUM_CATEGORIES: Final = 200
 ITEMS_PER_CATEGORY: Final = 250
+
+
+class EventGenerator(Protocol):
+    """Live synthetic traffic: this simple generator, or the ground-truth world of models/."""
+
+    def events(self, count: int, now_ms: int) -> list[Event]: ...
 
 
 class SyntheticTraffic:

@@ -112,7 +112,7 @@ def test_demo_serves_embeddings_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> N
         served = wait_for(
             lambda: (b := httpx.get(url).json())["status"] == "fresh" and b, 60, "u0 to be fresh"
         )
-        assert served["dim"] == 128 and served["model_version"] == "standin-1"
+        assert served["dim"] == 128 and served["model_version"] == "sum-default-1"
         os.killpg(demo.pid, signal.SIGINT)
         demo.wait(timeout=20)
         output = demo.output()

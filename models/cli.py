@@ -1,0 +1,219 @@
+"""Model subcommands of ``userembed``: train, bench-model, export-world.
+
+``service/cli.py`` calls :func:`add_model_commands`; torch is imported only inside
+the commands, so the serving roles never load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register the model subcommands on the ``userembed`` subparsers."""
+    train = sub.add_parser(
+        "train",
+        help="train the SUM user model on the synthetic world (or --logs) and publish it",
+        description="Train user tower + mix tower, report held-out AUC/NE, export the user "
+        "tower to ONNX (parity-checked) and publish it to the registry.",
+    )
+    data = train.add_argument_group("data")
+    data.add_argument("--logs", type=Path, help="train on an event log (.parquet or .jsonl)")
+    data.add_argument("--users", type=int, default=2_000, help="world users (default 2000)")
+    data.add_argument("--items", type=int, default=5_000, help="world items (default 5000)")
+    data.add_argument("--categories", type=int, default=50)
+    data.add_argument("--days", type=int, default=14, help="simulated days (default 14)")
+    data.add_argument("--history-length", type=int, default=50, help="L, last events per user")
+    data.add_argument("--item-buckets", type=int, default=10_007)
+    data.add_argument("--category-buckets", type=int, default=1_009)
+    model = train.add_argument_group("model")
+    model.add_argument("--embed-dim", type=int, default=32)
+    model.add_argument("--heads", type=int, default=2)
+    model.add_argument("--layers", type=int, default=1, help="self-attention blocks")
+    model.add_argument("--cross-layers", type=int, default=2)
+    model.add_argument("--mlp", default="256,192", help="pyramid widths, comma-separated")
+    model.add_argument("--output-dim", type=int, default=128)
+    model.add_argument("--dropout", type=float, default=0.1)
+    fit = train.add_argument_group("training")
+    fit.add_argument("--epochs", type=int, default=8)
+    fit.add_argument("--batch-size", type=int, default=256)
+    fit.add_argument("--lr", type=float, default=1e-3)
+    fit.add_argument("--weight-decay", type=float, default=1e-4)
+    fit.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
+    fit.add_argument("--patience", type=int, default=3, help="evaluations without improvement")
+    fit.add_argument("--max-steps", type=int)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--threads", type=int, default=2)
+    fit.add_argument("--no-progress", action="store_true")
+    out = train.add_argument_group("output")
+    out.add_argument("--registry", type=Path, help="registry directory (default: settings)")
+    out.add_argument("--version", help="version name (default sum-<utc timestamp>)")
+    out.add_argument("--parent", default="auto", help="parent version ('auto' = CURRENT, 'none')")
+    out.add_argument("--no-current", action="store_true", help="publish without making CURRENT")
+    out.add_argument("--no-publish", action="store_true", help="train and report only")
+    out.add_argument("--fp16", action="store_true", help="also export an fp16 graph (for GPU)")
+    out.add_argument(
+        "--report",
+        action="store_true",
+        help="also train the ablations, compare with popularity, recall@50, benchmark",
+    )
+    train.set_defaults(func=cmd_train)
+
+    bench = sub.add_parser(
+        "bench-model", help="user-tower users/s: ONNX Runtime vs torch eager (CPU)"
+    )
+    bench.add_argument("--batches", default="1,64,512")
+    bench.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+    bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--history-length", type=int, default=50)
+    bench.set_defaults(func=cmd_bench_model)
+
+    world = sub.add_parser(
+        "export-world", help="write the synthetic world's events as JSON Lines (train --logs)"
+    )
+    world.add_argument("path", type=Path)
+    world.add_argument("--users", type=int, default=2_000)
+    world.add_argument("--days", type=int, default=14)
+    world.add_argument("--seed", type=int, default=0)
+    world.set_defaults(func=cmd_export_world)
+
+
+def run_config_from_args(args: argparse.Namespace) -> object:
+    """The RunConfig the flags describe (imported lazily: it pulls in torch)."""
+    from models.dataset import DataConfig
+    from models.pipeline import RunConfig
+    from models.train import TrainConfig
+    from models.user_tower import TowerConfig
+    from models.world import WorldConfig
+
+    world = WorldConfig(
+        users=args.users,
+        items=args.items,
+        categories=args.categories,
+        days=args.days,
+        seed=args.seed,
+    )
+    return RunConfig(
+        data=DataConfig(
+            world=world,
+            logs=args.logs,
+            history_length=args.history_length,
+            item_buckets=args.item_buckets,
+            category_buckets=args.category_buckets,
+        ),
+        tower=TowerConfig(
+            embed_dim=args.embed_dim,
+            heads=args.heads,
+            layers=args.layers,
+            cross_layers=args.cross_layers,
+            mlp=tuple(int(w) for w in args.mlp.split(",") if w),
+            output_dim=args.output_dim,
+            dropout=args.dropout,
+        ),
+        train=TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            eval_every=args.eval_every,
+            patience=args.patience,
+            max_steps=args.max_steps,
+            seed=args.seed,
+            threads=args.threads,
+            progress=not args.no_progress,
+        ),
+        fp16=args.fp16,
+    )
+
+
+def _registry(path: Path | None) -> Path:
+    if path is not None:
+        return path
+    from service.settings import Settings
+
+    from_environment: dict[str, Any] = {}  # every field from USEREMBED_* or its default
+    return Settings(**from_environment).registry_path
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from models.bench import bench_tower, format_bench, sample_tensors
+    from models.pipeline import RunConfig, publish_run, run_training
+    from models.report import format_report, quality_report
+
+    config = run_config_from_args(args)
+    assert isinstance(config, RunConfig)
+    run = run_training(config)
+    r = run.result
+    print(
+        f"trained on {run.data.source}: sessions train={len(run.data.train)} "
+        f"valid={len(run.data.valid)} test={len(run.data.test)}  steps={r.steps} "
+        f"early_stop={r.stopped_early}  {run.seconds:.0f}s"
+    )
+    print(f"loss first={r.losses[0]:.4f} last(avg 50)={sum(r.losses[-50:]) / 50:.4f}")
+    print("test " + "  ".join(f"{k}={v:.4f}" for k, v in run.test_metrics.items()))
+    print(
+        f"export: onnx {len(run.exported.onnx_bytes) / 1e6:.2f} MB, parity max|diff|="
+        f"{run.exported.parity_max_abs_diff:.2e} on {run.exported.parity_rows} held-out users"
+        + (
+            f", fp16 max|diff|={run.exported.fp16_max_abs_diff:.2e}"
+            if run.exported.fp16_max_abs_diff is not None
+            else ""
+        )
+        + (f" ({run.exported.fp16_note})" if run.exported.fp16_note else "")
+    )
+    if args.report:
+        print("\nquality on the same held-out sessions (the future 10% of the data):")
+        print(format_report(quality_report(run.data, r, config.tower, config.train)))
+        print("\nuser-tower inference, CPU, same run (GPU numbers still owed: no GPU lent):")
+        sample = sample_tensors(run.data.test)
+        print(format_bench(bench_tower(r.model.user_tower, sample, threads=args.threads)))
+    if args.no_publish:
+        return
+    version = args.version or time.strftime("sum-%Y%m%dT%H%M%SZ", time.gmtime())
+    parent = None if args.parent == "none" else args.parent
+    registry = _registry(args.registry)
+    artifact = publish_run(run, registry, version, parent, make_current=not args.no_current)
+    alignment = artifact.manifest.alignment
+    print(
+        f"published {artifact.version} to {artifact.directory}"
+        + (
+            f" (parent {alignment.parent_version}: mean cosine to parent "
+            f"{alignment.mean_cosine_before:.3f} -> {alignment.mean_cosine_after:.3f} aligned)"
+            if alignment
+            else ""
+        )
+    )
+
+
+def cmd_bench_model(args: argparse.Namespace) -> None:
+    import torch
+
+    from models.bench import bench_tower, format_bench
+    from models.examples import build_examples
+    from models.user_tower import UserTower
+    from models.world import World, WorldConfig
+    from service.tensors import InputSchema
+
+    torch.manual_seed(0)
+    schema = InputSchema(history_length=args.history_length, item_buckets=10_007)
+    examples = build_examples(World(WorldConfig(users=300, days=7)).simulate(), schema)
+    tower = UserTower(schema)
+    batches = [int(b) for b in args.batches.split(",")]
+    print("user-tower inference, CPU (GPU numbers still owed: no GPU lent to this task)")
+    sample = {k: v[-512:] for k, v in examples.features.items()}
+    print(format_bench(bench_tower(tower, sample, batches, args.seconds, args.threads)))
+
+
+def cmd_export_world(args: argparse.Namespace) -> None:
+    from models.logs import write_jsonl
+    from models.world import World, WorldConfig
+
+    events = World(WorldConfig(users=args.users, days=args.days, seed=args.seed)).simulate()
+    write_jsonl(events, args.path)
+    print(f"wrote {len(events)} events to {args.path}")

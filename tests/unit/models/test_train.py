@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.dataset import Dataset
+from models.metrics import auc, normalized_entropy, recall_at_k
+from models.train import TrainConfig, TrainResult, train
+from tests.unit.models.conftest import TINY_TOWER
+
+
+def test_loss_goes_down_and_history_is_recorded(tiny_trained: TrainResult) -> None:
+    losses = tiny_trained.losses
+    assert len(losses) >= 10
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert tiny_trained.history and "valid_click_auc" in tiny_trained.history[0]
+    assert 0.0 <= tiny_trained.valid["valid_click_auc"] <= 1.0
+
+
+def test_same_seed_same_weights(tiny_data: Dataset) -> None:
+    config = TrainConfig(max_steps=3, batch_size=16, eval_every=3, progress=False, seed=4)
+
+    def weights() -> torch.Tensor:
+        result = train(tiny_data.train, tiny_data.valid, tiny_data.schema, TINY_TOWER, config)
+        return torch.cat([p.detach().flatten() for p in result.model.parameters()])
+
+    torch.testing.assert_close(weights(), weights(), rtol=0, atol=0)
+
+
+def test_early_stopping_keeps_the_best_evaluation(tiny_data: Dataset) -> None:
+    config = TrainConfig(
+        epochs=50, batch_size=16, eval_every=2, patience=1, lr=0.05, progress=False
+    )
+    result = train(tiny_data.train, tiny_data.valid, tiny_data.schema, TINY_TOWER, config)
+    assert result.stopped_early
+    best = min(h["valid_click_ne"] for h in result.history)
+    assert result.valid["valid_click_ne"] == best
+
+
+def test_metrics_on_known_cases() -> None:
+    labels = np.array([0, 0, 1, 1], dtype=np.float64)
+    assert auc(labels, np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
+    assert auc(labels, np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    assert normalized_entropy(labels, np.full(4, 0.5)) == np.float64(1.0)
+    assert normalized_entropy(labels, np.array([0.01, 0.01, 0.99, 0.99])) < 0.05
+    scores = np.array([[0.9, 0.1, 0.5], [0.1, 0.9, 0.5]])
+    assert recall_at_k(scores, np.array([0, 0]), k=1) == 0.5
+    assert recall_at_k(scores, np.array([2, 2]), k=2) == 1.0
