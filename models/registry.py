@@ -311,21 +311,26 @@ def publish(
             if name != ALIGNMENT_FILE
         },
     )
+    manifest_bytes = msgspec.json.format(msgspec.json.encode(manifest))
+    _write_version(root, version, {MODEL_FILE: onnx_bytes, **files, MANIFEST_FILE: manifest_bytes})
+    if make_current:
+        set_current(root, version)
+    return load_artifact(root, version)
+
+
+def _write_version(root: Path, version: str, files: dict[str, bytes]) -> None:
+    """Write a whole version directory: staged under a temporary name, every file and
+    the directory fsynced, then renamed into place, so a reader never sees half of it."""
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=root))
     try:
-        _write_synced(staging / MODEL_FILE, onnx_bytes)
         for name, data in files.items():
             _write_synced(staging / name, data)
-        _write_synced(staging / MANIFEST_FILE, msgspec.json.format(msgspec.json.encode(manifest)))
         _fsync_dir(staging)
-        staging.rename(final)
+        staging.rename(root / version)
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if make_current:
-        set_current(root, version)
-    return load_artifact(root, version)
 
 
 def install(root: Path, artifact: ModelArtifact, *, make_current: bool = True) -> ModelArtifact:
@@ -333,19 +338,9 @@ def install(root: Path, artifact: ModelArtifact, *, make_current: bool = True) -
     with the same staging, fsync and rename as :func:`publish`."""
     version = artifact.version
     root.mkdir(parents=True, exist_ok=True)
-    final = root / version
-    if not final.exists():
-        staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=root))
-        try:
-            for source in sorted(artifact.directory.iterdir()):
-                if source.is_file():
-                    _write_synced(staging / source.name, source.read_bytes())
-            _fsync_dir(staging)
-            staging.rename(final)
-            _fsync_dir(root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    if not (root / version).exists():
+        files = {f.name: f.read_bytes() for f in artifact.directory.iterdir() if f.is_file()}
+        _write_version(root, version, files)
     if make_current:
         set_current(root, version)
     return load_artifact(root, version)
