@@ -45,6 +45,13 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     fit.add_argument("--batch-size", type=int, default=256)
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--weight-decay", type=float, default=1e-4)
+    fit.add_argument(
+        "--retrieval-weight",
+        type=float,
+        default=0.3,
+        help="weight of the catalogue-softmax retrieval loss next to the click/like BCE "
+        "(0 = impressions only)",
+    )
     fit.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
     fit.add_argument("--patience", type=int, default=3, help="evaluations without improvement")
     fit.add_argument("--max-steps", type=int)
@@ -121,6 +128,7 @@ def run_config_from_args(args: argparse.Namespace) -> object:
             batch_size=args.batch_size,
             lr=args.lr,
             weight_decay=args.weight_decay,
+            retrieval_weight=args.retrieval_weight,
             eval_every=args.eval_every,
             patience=args.patience,
             max_steps=args.max_steps,

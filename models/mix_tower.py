@@ -5,6 +5,10 @@ over the interaction u*v, one logit per task (click, like), trained with BCE. Th
 MLP deliberately does not see u or v alone: with an item-only path, popularity is
 learned there first and the model sits on a popularity plateau, and user . item
 (what retrieval ranks by) never learns that popular items are likely clicks.
+
+BCE on impressions alone learns P(click | shown); ``retrieval_loss`` (a softmax over
+the whole training catalogue, added by ``models.train`` with ``retrieval_weight``)
+makes user . item rank every item for the next click, which is what retrieval needs.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class MixTower(nn.Module):
         )
         self.dot_scale = nn.Parameter(torch.full((len(TASKS),), 8.0))
         self.bias = nn.Parameter(torch.full((len(TASKS),), -1.5))
+        # Temperature of the retrieval softmax (``retrieval_loss``); ranking ignores it.
+        self.retrieval_scale = nn.Parameter(torch.tensor(8.0))
 
     def score(self, user: Tensor, item: Tensor) -> Tensor:
         """[B, D] users x [B, K, D] items -> [B, K, tasks] logits."""
@@ -75,3 +81,20 @@ def multitask_loss(
     like = F.binary_cross_entropy_with_logits(logits[..., 1], likes, reduction="none")
     total = ((click + like_weight * like) * mask).sum() / mask.sum().clamp(min=1.0)
     return total
+
+
+def retrieval_loss(
+    users: Tensor, catalogue: Tensor, clicked: Tensor, scale: Tensor | float = 1.0
+) -> Tensor:
+    """Full softmax over the catalogue: -log P(clicked item | user), P by ``scale * u . v``.
+
+    ``users`` [B, D], ``catalogue`` [N, D] (item tower over every training item),
+    ``clicked`` [B, K] catalogue indices of each session's clicked items, -1 = none.
+    The softmax runs over every item (no sampling, so no logQ correction is needed):
+    ``u . v`` learns which item is clicked next among all items, exposure included,
+    which is what retrieval ranks by. Mean over (session, clicked item) pairs.
+    """
+    log_probs = torch.log_softmax(scale * users @ catalogue.T, dim=-1)
+    valid = clicked >= 0
+    picked = log_probs.gather(1, clicked.clamp(min=0))
+    return -(picked * valid).sum() / valid.sum().clamp(min=1)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from models.examples import Examples
 from models.metrics import auc, normalized_entropy
-from models.mix_tower import MixTower, multitask_loss
+from models.mix_tower import MixTower, multitask_loss, retrieval_loss
 from models.user_tower import INPUT_NAMES, TowerConfig, UserTower
 from service.tensors import InputSchema
 
@@ -32,6 +32,9 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     progress: bool = True
+    # Weight of the catalogue softmax (next clicked item among all items) next to the
+    # click/like BCE; 0 trains on impressions only (u . v then ranks P(click | shown)).
+    retrieval_weight: float = 0.3
 
 
 @dataclass
@@ -42,6 +45,21 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     steps: int = 0
     stopped_early: bool = False
+
+
+class Catalogue:
+    """Distinct (item, category) pairs shown in training: the retrieval softmax's items."""
+
+    def __init__(self, examples: Examples, item_buckets: int) -> None:
+        seen = examples.impression_mask > 0
+        pairs = np.unique(
+            np.stack([examples.items[seen], examples.categories[seen]], axis=1), axis=0
+        ).reshape(-1, 2)
+        self.items = torch.as_tensor(pairs[:, 0])
+        self.categories = torch.as_tensor(pairs[:, 1])
+        lookup = np.full(item_buckets, -1, dtype=np.int64)
+        lookup[pairs[:, 0]] = np.arange(len(pairs))  # a hash collision keeps one pair
+        self.lookup = torch.as_tensor(lookup)
 
 
 class ExampleTensors:
@@ -55,6 +73,11 @@ class ExampleTensors:
         self.clicks = torch.as_tensor(examples.clicks)
         self.likes = torch.as_tensor(examples.likes)
         self.size = len(examples)
+
+    def clicked_in(self, catalogue: Catalogue) -> torch.Tensor:
+        """[S, K] catalogue index of every clicked impression, -1 elsewhere."""
+        index = catalogue.lookup[self.items]
+        return torch.where((self.clicks > 0) & (index >= 0), index, torch.full_like(index, -1))
 
     def batch(self, rows: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         return [f[rows] for f in self.features], self.items[rows], self.categories[rows]
@@ -105,6 +128,8 @@ def train(
     model = MixTower(UserTower(schema, tower))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     data, valid = ExampleTensors(train_set), ExampleTensors(valid_set)
+    catalogue = Catalogue(train_set, schema.item_buckets)
+    clicked = data.clicked_in(catalogue)
     generator = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = max(1, -(-data.size // cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
@@ -118,8 +143,14 @@ def train(
         order = torch.randperm(data.size, generator=generator)
         for rows in torch.split(order, cfg.batch_size):
             features, items, categories = data.batch(rows)
-            logits = model(features, items, categories)
+            users = model.user_tower(*features)
+            logits = model.score(users, model.item_tower(items, categories))
             loss = multitask_loss(logits, data.clicks[rows], data.likes[rows], data.mask[rows])
+            if cfg.retrieval_weight > 0:
+                vectors = model.item_tower(catalogue.items, catalogue.categories)
+                loss = loss + cfg.retrieval_weight * retrieval_loss(
+                    users, vectors, clicked[rows], model.retrieval_scale
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
