@@ -31,6 +31,6 @@ class PopularityBaseline:
         stacked = np.stack([self.click_ctr[examples.items], self.like_ctr[examples.items]], -1)
         return stacked.astype(np.float32)
 
-    def retrieval_scores(self, rows: int) -> npt.NDArray[np.float64]:
-        """The same item ranking (most clicked first) for every row."""
-        return np.broadcast_to(self.clicks, (rows, self.clicks.size))
+    def retrieval_scores(self, items: npt.NDArray[np.int64], rows: int) -> npt.NDArray[np.float64]:
+        """Scores of ``items`` by training clicks, the same for every one of ``rows`` users."""
+        return np.broadcast_to(self.clicks[items].astype(np.float64), (rows, items.size))

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from service.events import Event, EventType, SourcedEvent
 from service.features import FeatureState, apply_events, hash_id
-from service.tensors import InputSchema, Tensors, assemble
+from service.tensors import InputSchema, Tensors, assemble, bucket_ids
 
 SESSION_GAP_MS: Final = 30 * 60_000
 Int64Array = npt.NDArray[np.int64]
@@ -29,9 +29,17 @@ Float32Array = npt.NDArray[np.float32]
 
 
 def bucket(value: str | int | None, buckets: int) -> int:
-    """The id the model sees for an item or category: same rule as ``assemble``."""
-    hashed = hash_id(value)
-    return 0 if hashed == 0 else hashed % (buckets - 1) + 1
+    """The id the model sees for an item or category: ``assemble``'s own rule."""
+    return int(bucket_ids(np.array([hash_id(value)], dtype=np.int64), buckets)[0])
+
+
+def shown_pairs(*sets: Examples) -> Int64Array:
+    """Distinct (item, category) pairs shown in ``sets``, [N, 2]: a retrieval catalogue."""
+    pairs = [
+        np.stack([s.items[s.impression_mask > 0], s.categories[s.impression_mask > 0]], axis=1)
+        for s in sets
+    ]
+    return np.unique(np.concatenate(pairs), axis=0).reshape(-1, 2)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ import torch
 
 from models.baselines import PopularityBaseline
 from models.dataset import Dataset
+from models.examples import shown_pairs
 from models.metrics import recall_at_k
 from models.mix_tower import MixTower
 from models.train import ExampleTensors, TrainConfig, TrainResult, evaluate_probs, predict, train
@@ -24,18 +25,18 @@ class Row:
 
 
 @torch.no_grad()
-def retrieval_recall(model: MixTower | None, data: Dataset, k: int = 50) -> tuple[float, int]:
+def retrieval_recall(
+    model: MixTower | PopularityBaseline, data: Dataset, k: int = 50
+) -> tuple[float, int]:
     """recall@k of the first clicked item of each test session among all catalogue items,
-    ranked by user embedding . item embedding (or by training clicks when ``model`` is None).
+    ranked by user embedding . item embedding (or by training clicks for the baseline).
     Returns (recall, number of test sessions with a click)."""
     catalogue, targets, rows = _catalogue(data)
     if rows.size == 0:
         return float("nan"), 0
-    if model is None:
-        clicks = PopularityBaseline(data.train, data.schema.item_buckets).clicks
-        scores: npt.NDArray[np.floating] = np.repeat(
-            np.asarray(clicks[catalogue[:, 0]], dtype=np.float64)[None, :], rows.size, axis=0
-        )
+    scores: npt.NDArray[np.floating]
+    if isinstance(model, PopularityBaseline):
+        scores = model.retrieval_scores(catalogue[:, 0], rows.size)
     else:
         model.eval()
         features = [torch.as_tensor(data.test.features[n][rows]) for n in INPUT_NAMES]
@@ -49,11 +50,7 @@ def _catalogue(
     data: Dataset,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Distinct (item, category) pairs seen anywhere; targets as catalogue indices."""
-    pairs = [
-        np.stack([s.items[s.impression_mask > 0], s.categories[s.impression_mask > 0]], axis=1)
-        for s in (data.train, data.valid, data.test)
-    ]
-    catalogue = np.unique(np.concatenate(pairs), axis=0)
+    catalogue = shown_pairs(data.train, data.valid, data.test)
     index = {int(item): i for i, item in enumerate(catalogue[:, 0])}
     rows = np.flatnonzero(data.test.next_item > 0)
     targets = np.array([index[int(data.test.next_item[r])] for r in rows], dtype=np.int64)
@@ -68,7 +65,7 @@ def quality_report(
     test = ExampleTensors(data.test)
     popularity = PopularityBaseline(data.train, data.schema.item_buckets)
     rows = [Row("popularity", evaluate_probs(popularity.predict(data.test), data.test))]
-    rows[0].metrics[f"recall@{k}"] = retrieval_recall(None, data, k)[0]
+    rows[0].metrics[f"recall@{k}"] = retrieval_recall(popularity, data, k)[0]
     variants: list[tuple[str, TrainResult]] = []
     ablations: tuple[tuple[str, Encoder], ...] = (
         ("no-seq-encoder (pool)", "pool"),

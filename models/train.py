@@ -11,7 +11,7 @@ import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
-from models.examples import Examples
+from models.examples import Examples, shown_pairs
 from models.metrics import auc, normalized_entropy
 from models.mix_tower import MixTower, multitask_loss, retrieval_loss
 from models.user_tower import INPUT_NAMES, TowerConfig, UserTower
@@ -51,10 +51,7 @@ class Catalogue:
     """Distinct (item, category) pairs shown in training: the retrieval softmax's items."""
 
     def __init__(self, examples: Examples, item_buckets: int) -> None:
-        seen = examples.impression_mask > 0
-        pairs = np.unique(
-            np.stack([examples.items[seen], examples.categories[seen]], axis=1), axis=0
-        ).reshape(-1, 2)
+        pairs = shown_pairs(examples)
         self.items = torch.as_tensor(pairs[:, 0])
         self.categories = torch.as_tensor(pairs[:, 1])
         lookup = np.full(item_buckets, -1, dtype=np.int64)

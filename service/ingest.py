@@ -92,11 +92,9 @@ class FeatureUpdater:
                 base = state or FeatureState.empty()
                 updated, count = apply_events(base, by_user[user_id], self._history_length)
                 if count:
-                    changed[user_id], expected[user_id], counts[user_id] = (
-                        updated,
-                        base.version,
-                        count,
-                    )
+                    changed[user_id] = updated
+                    expected[user_id] = base.version
+                    counts[user_id] = count
             last_round = round_ == MAX_CAS_ROUNDS
             conflicts = await self._store.put_features(
                 changed,

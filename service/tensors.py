@@ -59,7 +59,7 @@ class InputSchema:
         return cls(**fields)  # type: ignore[arg-type]
 
 
-def _bucket(hashes: npt.NDArray[np.int64], buckets: int) -> npt.NDArray[np.int64]:
+def bucket_ids(hashes: npt.NDArray[np.int64], buckets: int) -> npt.NDArray[np.int64]:
     """Hash -> bucket in 1..buckets-1; hash 0 ('none') -> 0."""
     return np.where(hashes == 0, 0, hashes % (buckets - 1) + 1)
 
@@ -81,8 +81,10 @@ def assemble(states: Sequence[FeatureState], now_ms: int, schema: InputSchema) -
         n = min(state.num_events, length)
         if n:
             tail = slice(state.num_events - n, state.num_events)
-            item_ids[row, -n:] = _bucket(state.item_hashes[tail], schema.item_buckets)
-            category_ids[row, -n:] = _bucket(state.category_hashes[tail], schema.category_buckets)
+            item_ids[row, -n:] = bucket_ids(state.item_hashes[tail], schema.item_buckets)
+            category_ids[row, -n:] = bucket_ids(
+                state.category_hashes[tail], schema.category_buckets
+            )
             event_types[row, -n:] = state.types[tail].astype(np.int64) + 1
             age_hours = np.maximum(now_ms - state.timestamps[tail], 0) / _MS_PER_HOUR
             ages[row, -n:] = np.log1p(age_hours)

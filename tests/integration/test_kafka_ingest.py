@@ -171,33 +171,13 @@ async def test_redelivered_messages_are_not_counted_twice(settings: Settings) ->
     # delivered a second time, at the same (partition, offset), as after lost commits.
     settings = settings.model_copy(update={"kafka_group": settings.kafka_group + "-again"})
 
-    seen: list[int] = []
+    duplicates_before = ingest_events("duplicate")
 
     async def redelivered_everything(_: RedisStore) -> bool:
-        return sum(seen) >= len(events)
+        return ingest_events("duplicate") - duplicates_before >= len(events)
 
-    store = RedisStore(settings.redis_url)
-    updater = FeatureUpdater(store, HISTORY)
-    original_apply = updater.apply
-
-    async def counting_apply(batch: Any) -> Any:
-        result = await original_apply(batch)
-        seen.append(len(batch))
-        assert result.applied == 0 and result.duplicates == len(batch)
-        return result
-
-    updater.apply = counting_apply  # type: ignore[method-assign]
-    source = KafkaEventSource(settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_ingest(source, updater, stop, max_wait_s=0.2))
-    deadline = asyncio.get_running_loop().time() + 60
-    while not await redelivered_everything(store):
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0.1)
-    stop.set()
-    await task
-    await source.close()
-    await store.close()
+    updater = await ingest_until(settings, redelivered_everything)
+    assert updater.applied_total == 0
     after = [s.version for s in await stored_states(settings.redis_url, users) if s]
     assert after == before  # nothing was written again
     check = RedisStore(settings.redis_url)
@@ -312,6 +292,11 @@ async def test_posted_events_reach_the_feature_state_through_kafka(settings: Set
 
 def store_retries() -> float:
     value = REGISTRY.get_sample_value("userembed_ingest_retries_total", {"operation": "store"})
+    return value or 0.0
+
+
+def ingest_events(outcome: str) -> float:
+    value = REGISTRY.get_sample_value("userembed_ingest_events_total", {"outcome": outcome})
     return value or 0.0
 
 

@@ -72,3 +72,16 @@ def test_export_world_writes_trainable_logs(
     args = _parser().parse_args(["train", *TINY, "--logs", str(path), "--no-publish"])
     args.func(args)
     assert f"trained on logs:{path}" in capsys.readouterr().out
+
+
+def test_report_compares_the_model_with_popularity_and_ablations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _parser().parse_args(
+        ["train", *TINY, "--registry", str(tmp_path / "r"), "--version", "v1", "--report"]
+    )
+    args.func(args)
+    out = capsys.readouterr().out
+    for row in ("popularity", "no-seq-encoder (pool)", "no-history (counters)", "sum ("):
+        assert row in out
+    assert "recall@50" in out and "onnxruntime" in out and "torch eager" in out
