@@ -13,7 +13,7 @@ import numpy.typing as npt
 from models.dataset import DataConfig, Dataset, load_dataset
 from models.examples import Examples
 from models.export import ExportedTower, cold_start_embedding, export_user_tower, torch_embed
-from models.registry import ModelArtifact, current_version, publish
+from models.registry import FP16_MODEL_FILE, ModelArtifact, current_version, publish
 from models.train import ExampleTensors, TrainConfig, TrainResult, evaluate_probs, predict, train
 from models.user_tower import TowerConfig, UserTower
 
@@ -89,7 +89,7 @@ def publish_run(
     """Publish to the registry; with a parent ("auto" = CURRENT), also fit the alignment."""
     parent_version = current_version(registry) if parent == "auto" else parent
     recent = run.data.test.take(latest_per_user(run.data.test, ALIGNMENT_SAMPLE))
-    extra = {"model.fp16.onnx": run.exported.fp16_bytes} if run.exported.fp16_bytes else {}
+    extra = {FP16_MODEL_FILE: run.exported.fp16_bytes} if run.exported.fp16_bytes else {}
     return publish(
         registry,
         version=version,

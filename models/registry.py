@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 CURRENT_FILE: Final = "CURRENT"
 MODEL_FILE: Final = "model.onnx"
+FP16_MODEL_FILE: Final = "model.fp16.onnx"
 MANIFEST_FILE: Final = "manifest.json"
 ALIGNMENT_FILE: Final = "alignment.npy"
 _VERSION_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -105,12 +106,45 @@ class ModelArtifact:
     def directory(self) -> Path:
         return self.model_path.parent
 
+    @property
+    def fp16_model_path(self) -> Path | None:
+        """The artifact's own fp16 graph (sha-checked like every listed file), if any."""
+        return self.directory / FP16_MODEL_FILE if FP16_MODEL_FILE in self.manifest.files else None
+
     def alignment_matrix(self) -> npt.NDArray[np.float32] | None:
         """R with parent ~= self @ R, or None when the version has no alignment."""
         if self.manifest.alignment is None:
             return None
         matrix = np.load(self.directory / self.manifest.alignment.file, allow_pickle=False)
         return np.asarray(matrix, dtype=np.float32)
+
+
+def served_space(root: Path, artifact: ModelArtifact) -> tuple[str, npt.NDArray[np.float32] | None]:
+    """The space ``artifact``'s embeddings are served in, and the map R into it.
+
+    An aligned version maps onto its parent's served space, recursively
+    (v3 -> v2 -> v1 composes R3 @ R2). The chain ends at a version without an
+    alignment, or at a parent that is no longer in the registry (or fails its
+    checks): its space is still the parent's, since R was stored with the child.
+    """
+    space, matrix = artifact.version, None
+    seen = {artifact.version}
+    current: ModelArtifact | None = artifact
+    while current is not None and current.manifest.alignment is not None:
+        rotation = current.alignment_matrix()
+        dim = current.manifest.output_dim
+        if rotation is None or rotation.shape != (dim, dim):
+            raise RegistryError(f"model {current.version}: alignment.npy is not {dim}x{dim}")
+        matrix = rotation if matrix is None else matrix @ rotation
+        space = current.manifest.alignment.parent_version
+        if space in seen:
+            raise RegistryError(f"model {artifact.version}: alignment chain loops at {space}")
+        seen.add(space)
+        try:
+            current = load_artifact(root, space)
+        except RegistryError:
+            current = None
+    return space, matrix
 
 
 def _sha256(path: Path) -> str:

@@ -8,6 +8,7 @@ MLP and L2-normalized. Weights are seeded, so the same seed gives the same model
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -93,9 +94,17 @@ def build_standin(
 
 
 def publish_standin(
-    root: Path, *, version: str = "standin-1", history_length: int = 50, seed: int = 0
+    root: Path,
+    *,
+    version: str = "standin-1",
+    history_length: int = 50,
+    seed: int = 0,
+    parent_version: str | None = None,
+    alignment_states: Sequence[FeatureState] | None = None,
+    make_current: bool = True,
 ) -> ModelArtifact:
-    """Build the stand-in, compute its cold-start embedding, and publish it as CURRENT."""
+    """Build the stand-in, compute its cold-start embedding, and publish it (as CURRENT
+    by default; aligned onto ``parent_version`` when ``alignment_states`` are given)."""
     schema = InputSchema(history_length=history_length)
     onnx_bytes = build_standin(schema, seed=seed)
     runtime = OnnxModelRuntime(onnx_bytes, version=version, schema=schema, prefer_gpu=False)
@@ -110,4 +119,8 @@ def publish_standin(
         output_dim=runtime.output_dim,
         cold_start_embedding=cold_start.tolist(),
         kind="standin",
+        parent_version=parent_version,
+        alignment_states=alignment_states,
+        alignment_now_ms=max((st.last_event_ms for st in alignment_states or ()), default=0),
+        make_current=make_current,
     )

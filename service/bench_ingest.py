@@ -83,6 +83,25 @@ class TimedStore:
     async def pop_dirty(self, limit: int) -> list[tuple[str, int]]:
         return await self.inner.pop_dirty(limit)
 
+    async def claim_dirty(
+        self, limit: int, *, token: str, now_ms: int, lease_ms: int
+    ) -> list[tuple[str, int]]:
+        return await self.inner.claim_dirty(limit, token=token, now_ms=now_ms, lease_ms=lease_ms)
+
+    async def release_claim(
+        self, token: str, user_ids: Sequence[str], requeue: Mapping[str, int] | None = None
+    ) -> None:
+        await self.inner.release_claim(token, user_ids, requeue)
+
+    async def active_users(self, start: int, count: int) -> list[str]:
+        return await self.inner.active_users(start, count)
+
+    async def trim_active(self, keep: int) -> None:
+        await self.inner.trim_active(keep)
+
+    async def claim_job(self, name: str, ttl_ms: int) -> bool:
+        return await self.inner.claim_job(name, ttl_ms)
+
     async def dirty_stats(self) -> DirtyStats:
         return await self.inner.dirty_stats()
 

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -49,15 +49,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_loop(run_demo(settings, duration_s=args.duration))
 
 
-def _serve_metrics(settings: Settings) -> None:
-    """Prometheus endpoint of a non-HTTP role (ingest, worker) on ``metrics_port``."""
-    from prometheus_client import start_http_server
+def _serve_ops(settings: Settings, ready: Callable[[], bool]) -> None:
+    """/metrics, /healthz, /readyz of a non-HTTP role (ingest, worker) on ``metrics_port``."""
+    from service.ops_server import serve_ops
 
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.api_host)
-        logging.getLogger(__name__).info(
-            "event=metrics_serving addr=%s:%d", settings.api_host, settings.metrics_port
-        )
+        serve_ops(settings.api_host, settings.metrics_port, ready)
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
@@ -92,23 +89,24 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace) -> None:
-    from models.registry import load_artifact
-    from service.runtime import OnnxModelRuntime
     from service.server import install_stop_handlers, run_loop
     from service.store import open_store
-    from service.worker import EmbeddingWorker, WorkerConfig
+    from service.worker_role import WorkerRole
 
     settings = _settings({})
-    artifact = load_artifact(settings.registry_path)
-    runtime = OnnxModelRuntime.from_artifact(artifact)
-    _serve_metrics(settings)
+    if settings.redis_url.startswith("memory://"):
+        raise SystemExit(
+            "userembed worker needs a shared store: set USEREMBED_REDIS_URL=redis://..."
+        )
 
     async def work() -> None:
         store = open_store(settings.redis_url, settings.redis_timeout_ms)
+        role = WorkerRole(settings, store)
+        _serve_ops(settings, role.ready.is_set)
         stop = asyncio.Event()
         install_stop_handlers(stop.set)
         try:
-            await EmbeddingWorker(store, runtime, WorkerConfig.from_settings(settings)).run(stop)
+            await role.run(stop)
         finally:
             await store.close()
 
@@ -126,7 +124,7 @@ def _cmd_ingest(args: argparse.Namespace) -> None:
         raise SystemExit(
             "userembed ingest needs a shared store: set USEREMBED_REDIS_URL=redis://..."
         )
-    _serve_metrics(settings)
+    _serve_ops(settings, lambda: True)
 
     async def ingest() -> None:
         store = open_store(settings.redis_url, settings.redis_timeout_ms)
@@ -250,6 +248,19 @@ def _cmd_bench_ingest(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_bench_worker(args: argparse.Namespace) -> None:
+    from service.bench_worker import WorkerBenchConfig, run_worker_bench
+
+    run_worker_bench(
+        WorkerBenchConfig(
+            users=args.users,
+            batch_sizes=[int(b) for b in args.batches.split(",")],
+            redis_url=args.redis_url,
+            intra_op_threads=args.threads,
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="userembed",
@@ -317,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--kafka-bootstrap", help="existing Kafka (default: KAFKA_BOOTSTRAP or the mock cluster)"
     )
     ingest_bench.set_defaults(func=_cmd_bench_ingest)
+    worker_bench = bench_sub.add_parser(
+        "worker", help="embeddings/s by batch size: pipelined vs sequential vs model only"
+    )
+    worker_bench.add_argument("--users", type=int, default=20_000)
+    worker_bench.add_argument("--batches", default="64,256,1024", help="comma-separated sizes")
+    worker_bench.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads")
+    worker_bench.add_argument("--redis-url", help="existing Redis (default: a private one)")
+    worker_bench.set_defaults(func=_cmd_bench_worker)
     return parser
 
 

@@ -91,7 +91,7 @@ class FeatureState:
         return int(self.timestamps.shape[0])
 
 
-def _decay(dt_ms: npt.NDArray[np.float64] | float) -> npt.NDArray[np.float64]:
+def decay_factors(dt_ms: npt.NDArray[np.generic] | float) -> npt.NDArray[np.float64]:
     """Decay factors 2^(-dt/h) for every half-life; dt broadcasts against them."""
     half_lives = np.asarray(HALF_LIVES_MS, dtype=np.float64)
     dt = np.maximum(np.asarray(dt_ms, dtype=np.float64), 0.0)
@@ -100,7 +100,7 @@ def _decay(dt_ms: npt.NDArray[np.float64] | float) -> npt.NDArray[np.float64]:
 
 def counters_at(state: FeatureState, now_ms: int) -> npt.NDArray[np.float32]:
     """The decayed counters as seen at ``now_ms`` (never grown if now is in the past)."""
-    factors = _decay(float(now_ms - state.last_event_ms))
+    factors = decay_factors(float(now_ms - state.last_event_ms))
     return (state.counters * factors).astype(np.float32)
 
 
@@ -144,8 +144,10 @@ def apply_events(
     # Counters are linear in the events, so decay everything to the new reference
     # time in one step: c' = c * 2^(-(ref'-ref)/h) + sum_e onehot(type_e) 2^(-(ref'-ts_e)/h).
     reference = max(state.last_event_ms, int(new_ts.max()))
-    counters = state.counters.astype(np.float64) * _decay(float(reference - state.last_event_ms))
-    np.add.at(counters, new_types, _decay((reference - new_ts).astype(np.float64)))
+    counters = state.counters.astype(np.float64) * decay_factors(
+        float(reference - state.last_event_ms)
+    )
+    np.add.at(counters, new_types, decay_factors((reference - new_ts).astype(np.float64)))
 
     last = fresh[-1]
     updated = FeatureState(

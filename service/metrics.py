@@ -75,8 +75,25 @@ WORKER_OLDEST_DIRTY_AGE = Gauge(
     "userembed_worker_oldest_dirty_age_seconds", "Age of the oldest dirty user"
 )
 WORKER_MODEL = Gauge(
-    "userembed_worker_model_info", "Model served by this worker", ["version", "provider"]
+    "userembed_worker_model_info",
+    "Model served by this worker (1 for the current one)",
+    ["version", "space", "provider", "precision"],
 )
+WORKER_LEASED = Gauge("userembed_worker_leased_users", "Users leased to workers, in flight")
+WORKER_EMBEDDING_STALENESS = Histogram(
+    "userembed_worker_embedding_staleness_seconds",
+    "From a user becoming dirty to its embedding being written",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+)
+WORKER_MODEL_SWAPS = Counter(
+    "userembed_worker_model_swaps_total",
+    "Model versions seen in the registry, by outcome (swapped, refused)",
+    ["outcome"],
+)
+WORKER_REEMBED_ENQUEUED = Counter(
+    "userembed_worker_reembed_enqueued_total", "Active users queued for re-embedding after a swap"
+)
+WORKER_READY = Gauge("userembed_worker_ready", "1 once the model is loaded and warmed up")
 
 # --- api ---------------------------------------------------------------------
 API_REQUEST_SECONDS = Histogram(

@@ -55,6 +55,36 @@ class Settings(BaseSettings):
     worker_batch_size: int = Field(256, ge=1, description="Max users per micro-batch")
     worker_max_wait_ms: int = Field(10, ge=0, description="Max wait to fill a micro-batch")
     worker_idle_sleep_ms: int = Field(5, ge=1, description="Sleep when the dirty queue is empty")
+    worker_lease_ms: int = Field(
+        30_000, ge=100, description="A claimed user returns to the queue if not written by then"
+    )
+    worker_precision: Literal["auto", "fp32", "fp16"] = Field(
+        "auto", description="auto = fp16 on CUDA, fp32 on the CPU"
+    )
+    worker_intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads (0 = usable cores on CPU, 1 on CUDA)"
+    )
+    worker_model_poll_s: float = Field(
+        5.0, gt=0, description="How often the worker checks the registry for a new version"
+    )
+    reembed_rate: float = Field(
+        1000.0, gt=0, description="Active users per second queued for re-embedding after a swap"
+    )
+    active_index_size: int = Field(
+        1_000_000, ge=1, description="Most recently active users remembered for re-embedding"
+    )
+
+    # --- stabilization (docs/stabilization.md) -----------------------------
+    stabilization_enabled: bool = True
+    stabilization_time_constant_s: float = Field(
+        60.0, gt=0, description="Age at which a fresh embedding outweighs the served one"
+    )
+    stabilization_min_weight: float = Field(
+        0.25, ge=0, le=1, description="Fresh embedding's share even when the served one is new"
+    )
+    stabilization_max_step: float = Field(
+        0.6, gt=0, description="Max move per update: radians (normalized models) or L2"
+    )
 
     # --- staleness ---------------------------------------------------------
     refresh_after_s: float = Field(

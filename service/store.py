@@ -4,8 +4,11 @@ Two implementations behave identically (one contract test suite runs on both):
 :class:`RedisStore` for production and :class:`MemoryStore`, the embedded default.
 Every operation is in bulk: one Redis round trip per call, never one per user.
 
-Keys: ``uf:{uid}`` feature state, ``ue:{uid}`` embedding record, and the dirty
-queue, a sorted set of user ids scored by the time they became dirty.
+Keys: ``uf:{uid}`` feature state, ``ue:{uid}`` embedding record; the dirty
+queue, a sorted set of user ids scored by the time they became dirty; its leases
+(``userembed:leased``, scored by expiry, with ``userembed:lease`` holding
+``token:dirty_at`` per user); and the activity index ``userembed:active`` (last
+time each user had events), from which a new model re-embeds the most active first.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from service.clock import now_ms
 from service.embeddings import (
     EmbeddingDecodeError,
     EmbeddingRecord,
@@ -43,6 +47,10 @@ from service.features import (
 log = logging.getLogger(__name__)
 
 DIRTY_KEY: Final = "userembed:dirty"
+LEASED_KEY: Final = "userembed:leased"
+LEASE_INFO_KEY: Final = "userembed:lease"
+ACTIVE_KEY: Final = "userembed:active"
+_RECLAIM_PER_CALL: Final = 1000
 
 
 def feature_key(user_id: str) -> str:
@@ -61,6 +69,7 @@ class StoreUnavailable(RuntimeError):
 class DirtyStats:
     depth: int
     oldest_ms: int | None
+    leased: int = 0
 
 
 class Store(Protocol):
@@ -89,7 +98,32 @@ class Store(Protocol):
         """Queue users for recomputation; a user already queued keeps its older time."""
 
     async def pop_dirty(self, limit: int) -> list[tuple[str, int]]:
-        """Remove and return up to ``limit`` (user_id, dirty_at_ms), oldest first."""
+        """Remove and return up to ``limit`` (user_id, dirty_at_ms), oldest first, with no
+        lease (for tools and tests; workers use :meth:`claim_dirty`)."""
+
+    async def claim_dirty(
+        self, limit: int, *, token: str, now_ms: int, lease_ms: int
+    ) -> list[tuple[str, int]]:
+        """Lease up to ``limit`` (user_id, dirty_at_ms), oldest first, to ``token``.
+
+        Leases that expired by ``now_ms`` first go back to the queue with their
+        original dirty times, so users of a worker that died are not lost.
+        """
+
+    async def release_claim(
+        self, token: str, user_ids: Sequence[str], requeue: Mapping[str, int] | None = None
+    ) -> None:
+        """End ``token``'s leases on ``user_ids`` (a lease re-taken by another token is
+        left alone); ``requeue`` puts users back in the queue in the same step."""
+
+    async def active_users(self, start: int, count: int) -> list[str]:
+        """Users by most recent activity (events), most recent first."""
+
+    async def trim_active(self, keep: int) -> None:
+        """Forget all but the ``keep`` most recently active users."""
+
+    async def claim_job(self, name: str, ttl_ms: int) -> bool:
+        """True for exactly one caller per ``name`` until ``ttl_ms`` passes."""
 
     async def dirty_stats(self) -> DirtyStats: ...
 
@@ -130,6 +164,9 @@ class MemoryStore:
         # (dirty_at_ms, user_id): ties break by user id, as in a Redis sorted set.
         # Entries whose time no longer matches self._dirty are stale and skipped.
         self._heap: list[tuple[int, str]] = []
+        self._leases: dict[str, tuple[str, int, int]] = {}  # user -> token, dirty_at, expiry
+        self._active: dict[str, int] = {}
+        self._jobs: dict[str, int] = {}
 
     async def get_features(self, user_ids: Sequence[str]) -> list[FeatureState | None]:
         return [_features_or_none(self._features.get(u), u) for u in user_ids]
@@ -152,6 +189,8 @@ class MemoryStore:
             written.append(user_id)
         if dirty_at_ms is not None:
             self._mark(dict.fromkeys(written, dirty_at_ms))
+            for user_id in written:
+                self._active[user_id] = max(self._active.get(user_id, 0), dirty_at_ms)
         return conflicts
 
     async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
@@ -186,9 +225,47 @@ class MemoryStore:
             popped.append((user_id, at))
         return popped
 
+    async def claim_dirty(
+        self, limit: int, *, token: str, now_ms: int, lease_ms: int
+    ) -> list[tuple[str, int]]:
+        expired = [u for u, (_, _, expiry) in self._leases.items() if expiry <= now_ms]
+        for user_id in expired[:_RECLAIM_PER_CALL]:
+            _, at, _ = self._leases.pop(user_id)
+            self._mark({user_id: at})
+        claimed = await self.pop_dirty(limit)
+        for user_id, at in claimed:
+            self._leases[user_id] = (token, at, now_ms + lease_ms)
+        return claimed
+
+    async def release_claim(
+        self, token: str, user_ids: Sequence[str], requeue: Mapping[str, int] | None = None
+    ) -> None:
+        for user_id in user_ids:
+            lease = self._leases.get(user_id)
+            if lease is not None and lease[0] == token:
+                del self._leases[user_id]
+        if requeue:
+            self._mark(requeue)
+
+    async def active_users(self, start: int, count: int) -> list[str]:
+        ranked = sorted(self._active.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [user_id for user_id, _ in ranked[start : start + count]]
+
+    async def trim_active(self, keep: int) -> None:
+        if len(self._active) > keep:
+            self._active = dict(sorted(self._active.items(), key=lambda kv: -kv[1])[:keep])
+
+    async def claim_job(self, name: str, ttl_ms: int) -> bool:
+        now = now_ms()
+        if self._jobs.get(name, 0) > now:
+            return False
+        self._jobs[name] = now + ttl_ms
+        return True
+
     async def dirty_stats(self) -> DirtyStats:
         self._drop_stale_top()
-        return DirtyStats(len(self._dirty), self._heap[0][0] if self._heap else None)
+        oldest = self._heap[0][0] if self._heap else None
+        return DirtyStats(len(self._dirty), oldest, len(self._leases))
 
     async def ping(self) -> None:
         return None
@@ -207,25 +284,66 @@ def _unavailable_on_redis_errors() -> Iterator[None]:
         raise StoreUnavailable(f"redis error: {exc}") from exc
 
 
-# KEYS[1] = dirty queue, KEYS[1 + i] = feature key of user i.
+# KEYS[1] = dirty queue, KEYS[2] = activity index, KEYS[2 + i] = feature key of user i.
 # ARGV[1] = dirty time ('' = do not mark); then per user: expected version bytes
 # ('' = no record), the new record, the user id. Returns the users not written.
 _CAS_FEATURES_LUA: Final = f"""
 local conflicts = {{}}
 local first, last = {VERSION_OFFSET}, {VERSION_OFFSET + VERSION_SIZE - 1}
-for i = 2, #KEYS do
-  local base = 1 + (i - 2) * 3
+for i = 3, #KEYS do
+  local base = 1 + (i - 3) * 3
   local stored = redis.call('GETRANGE', KEYS[i], first, last)
   if stored == ARGV[base + 1] then
     redis.call('SET', KEYS[i], ARGV[base + 2])
     if ARGV[1] ~= '' then
       redis.call('ZADD', KEYS[1], 'LT', ARGV[1], ARGV[base + 3])
+      redis.call('ZADD', KEYS[2], 'GT', ARGV[1], ARGV[base + 3])
     end
   else
     conflicts[#conflicts + 1] = ARGV[base + 3]
   end
 end
 return conflicts
+"""
+
+
+# KEYS: queue, leases (scored by expiry), lease info (user -> 'token:dirty_at').
+# ARGV: now, lease expiry, limit, token. Expired leases are requeued with their
+# original dirty time first; then up to `limit` oldest users are popped and leased.
+_CLAIM_LUA: Final = f"""
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1],
+                           'LIMIT', 0, {_RECLAIM_PER_CALL})
+for _, user in ipairs(expired) do
+  local info = redis.call('HGET', KEYS[3], user)
+  local at = info and string.match(info, ':(%d+)$') or ARGV[1]
+  redis.call('ZADD', KEYS[1], 'LT', at, user)
+  redis.call('ZREM', KEYS[2], user)
+  redis.call('HDEL', KEYS[3], user)
+end
+local popped = redis.call('ZPOPMIN', KEYS[1], ARGV[3])
+for i = 1, #popped, 2 do
+  redis.call('ZADD', KEYS[2], ARGV[2], popped[i])
+  redis.call('HSET', KEYS[3], popped[i], ARGV[4] .. ':' .. popped[i + 1])
+end
+return popped
+"""
+
+# KEYS: queue, leases, lease info. ARGV: token, n, then n users to release, then
+# (user, dirty_at) pairs to requeue. A lease another token holds now is kept.
+_RELEASE_LUA: Final = """
+local prefix = ARGV[1] .. ':'
+local n = tonumber(ARGV[2])
+for i = 3, 2 + n do
+  local info = redis.call('HGET', KEYS[3], ARGV[i])
+  if info and string.sub(info, 1, #prefix) == prefix then
+    redis.call('ZREM', KEYS[2], ARGV[i])
+    redis.call('HDEL', KEYS[3], ARGV[i])
+  end
+end
+for i = 3 + n, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], 'LT', ARGV[i + 1], ARGV[i])
+end
+return n
 """
 
 
@@ -247,6 +365,8 @@ class RedisStore:
             decode_responses=False,
         )
         self._cas_script = self._redis.register_script(_CAS_FEATURES_LUA)
+        self._claim_script = self._redis.register_script(_CLAIM_LUA)
+        self._release_script = self._redis.register_script(_RELEASE_LUA)
 
     async def get_features(self, user_ids: Sequence[str]) -> list[FeatureState | None]:
         if not user_ids:
@@ -270,6 +390,7 @@ class RedisStore:
                 pipe.mset({feature_key(u): encode_features(s) for u, s in states.items()})
                 if dirty_at_ms is not None:
                     pipe.zadd(DIRTY_KEY, dict.fromkeys(states, dirty_at_ms), lt=True)
+                    pipe.zadd(ACTIVE_KEY, dict.fromkeys(states, dirty_at_ms), gt=True)
                 await pipe.execute()
         return []
 
@@ -287,7 +408,7 @@ class RedisStore:
                 encode_features(states[user_id]),
                 user_id,
             ]
-        keys = [DIRTY_KEY, *map(feature_key, user_ids)]
+        keys = [DIRTY_KEY, ACTIVE_KEY, *map(feature_key, user_ids)]
         with _unavailable_on_redis_errors():
             conflicts = await self._cas_script(keys=keys, args=args)
         return [bytes(c).decode() for c in conflicts]
@@ -319,13 +440,49 @@ class RedisStore:
             popped = cast(list[tuple[bytes, float]], await self._redis.zpopmin(DIRTY_KEY, limit))
         return [(member.decode(), int(score)) for member, score in popped]
 
+    async def claim_dirty(
+        self, limit: int, *, token: str, now_ms: int, lease_ms: int
+    ) -> list[tuple[str, int]]:
+        keys = [DIRTY_KEY, LEASED_KEY, LEASE_INFO_KEY]
+        args: list[str | int] = [now_ms, now_ms + lease_ms, limit, token]
+        with _unavailable_on_redis_errors():
+            flat = cast(list[bytes], await self._claim_script(keys=keys, args=args))
+        return [(flat[i].decode(), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
+
+    async def release_claim(
+        self, token: str, user_ids: Sequence[str], requeue: Mapping[str, int] | None = None
+    ) -> None:
+        if not user_ids and not requeue:
+            return
+        args: list[str | int] = [token, len(user_ids), *user_ids]
+        for user_id, at in (requeue or {}).items():
+            args += [user_id, at]
+        with _unavailable_on_redis_errors():
+            await self._release_script(keys=[DIRTY_KEY, LEASED_KEY, LEASE_INFO_KEY], args=args)
+
+    async def active_users(self, start: int, count: int) -> list[str]:
+        with _unavailable_on_redis_errors():
+            found = cast(
+                list[bytes], await self._redis.zrevrange(ACTIVE_KEY, start, start + count - 1)
+            )
+        return [u.decode() for u in found]
+
+    async def trim_active(self, keep: int) -> None:
+        with _unavailable_on_redis_errors():
+            await self._redis.zremrangebyrank(ACTIVE_KEY, 0, -(keep + 1))
+
+    async def claim_job(self, name: str, ttl_ms: int) -> bool:
+        with _unavailable_on_redis_errors():
+            return bool(await self._redis.set(f"userembed:job:{name}", 1, nx=True, px=ttl_ms))
+
     async def dirty_stats(self) -> DirtyStats:
         with _unavailable_on_redis_errors():
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.zcard(DIRTY_KEY)
                 pipe.zrange(DIRTY_KEY, 0, 0, withscores=True)
-                depth, oldest = await pipe.execute()
-        return DirtyStats(int(depth), int(oldest[0][1]) if oldest else None)
+                pipe.zcard(LEASED_KEY)
+                depth, oldest, leased = await pipe.execute()
+        return DirtyStats(int(depth), int(oldest[0][1]) if oldest else None, int(leased))
 
     async def ping(self) -> None:
         with _unavailable_on_redis_errors():

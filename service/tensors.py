@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.events import NUM_EVENT_TYPES
-from service.features import NUM_HALF_LIVES, FeatureState, counters_at
+from service.features import NUM_HALF_LIVES, FeatureState, decay_factors
 
 Tensors = dict[str, npt.NDArray[np.generic]]
 _MS_PER_HOUR: Final = 3_600_000.0
@@ -69,6 +69,8 @@ def assemble(states: Sequence[FeatureState], now_ms: int, schema: InputSchema) -
 
     Histories are left-padded so the most recent event is always the last position.
     Ages are log1p(hours since the event); counters are log1p of the decayed counts.
+    Vectorized over the batch: each user's tail is one slice, everything else is a
+    handful of whole-batch numpy operations.
     """
     batch, length = len(states), schema.history_length
     item_ids = np.zeros((batch, length), dtype=np.int64)
@@ -77,19 +79,27 @@ def assemble(states: Sequence[FeatureState], now_ms: int, schema: InputSchema) -
     ages = np.zeros((batch, length), dtype=np.float32)
     mask = np.zeros((batch, length), dtype=np.float32)
     counters = np.zeros((batch, schema.num_counters), dtype=np.float32)
-    for row, state in enumerate(states):
-        n = min(state.num_events, length)
-        if n:
-            tail = slice(state.num_events - n, state.num_events)
-            item_ids[row, -n:] = bucket_ids(state.item_hashes[tail], schema.item_buckets)
-            category_ids[row, -n:] = bucket_ids(
-                state.category_hashes[tail], schema.category_buckets
-            )
-            event_types[row, -n:] = state.types[tail].astype(np.int64) + 1
-            age_hours = np.maximum(now_ms - state.timestamps[tail], 0) / _MS_PER_HOUR
-            ages[row, -n:] = np.log1p(age_hours)
-            mask[row, -n:] = 1.0
-        counters[row] = np.log1p(counters_at(state, now_ms)).reshape(-1)
+    if batch:
+        kept = np.fromiter((min(s.num_events, length) for s in states), np.int64, batch)
+        total = int(kept.sum())
+        if total:
+            tails = [(s, s.num_events - int(n)) for s, n in zip(states, kept, strict=True)]
+            rows = np.repeat(np.arange(batch), kept)
+            first = np.repeat(np.cumsum(kept) - kept, kept)
+            cols = length - np.repeat(kept, kept) + (np.arange(total) - first)
+            items = np.concatenate([s.item_hashes[i:] for s, i in tails])
+            categories = np.concatenate([s.category_hashes[i:] for s, i in tails])
+            types = np.concatenate([s.types[i:] for s, i in tails])
+            stamps = np.concatenate([s.timestamps[i:] for s, i in tails])
+            item_ids[rows, cols] = bucket_ids(items, schema.item_buckets)
+            category_ids[rows, cols] = bucket_ids(categories, schema.category_buckets)
+            event_types[rows, cols] = types.astype(np.int64) + 1
+            ages[rows, cols] = np.log1p(np.maximum(now_ms - stamps, 0) / _MS_PER_HOUR)
+            mask[rows, cols] = 1.0
+        last = np.fromiter((s.last_event_ms for s in states), np.int64, batch)
+        stacked = np.stack([s.counters for s in states])  # [batch, types, half-lives]
+        decayed = (stacked * decay_factors(now_ms - last)[:, None, :]).astype(np.float32)
+        counters[:] = np.log1p(decayed).reshape(batch, -1)
     return {
         "item_ids": item_ids,
         "category_ids": category_ids,

@@ -123,3 +123,68 @@ async def test_compare_and_set_writes_only_users_at_the_expected_version(store: 
 async def test_claiming_no_record_when_one_exists_is_a_conflict(store: Store) -> None:
     await store.put_features({"a": state_for("a", 1)})
     assert await store.put_features({"a": state_for("a", 2)}, expected_versions={"a": 0}) == ["a"]
+
+
+async def test_claims_lease_the_oldest_users_and_release_ends_the_lease(store: Store) -> None:
+    await store.mark_dirty({"a": 30, "b": 10, "c": 20})
+    claimed = await store.claim_dirty(2, token="w1", now_ms=1000, lease_ms=500)
+    assert claimed == [("b", 10), ("c", 20)]
+    stats = await store.dirty_stats()
+    assert (stats.depth, stats.leased) == (1, 2)
+    await store.release_claim("w1", ["b", "c"])
+    assert (await store.dirty_stats()).leased == 0
+    # released users stay done: a claim after any expiry time finds only 'a'
+    assert await store.claim_dirty(5, token="w2", now_ms=10**9, lease_ms=500) == [("a", 30)]
+
+
+async def test_an_expired_lease_returns_the_user_with_its_original_dirty_time(
+    store: Store,
+) -> None:
+    await store.mark_dirty({"a": 10, "b": 20})
+    assert len(await store.claim_dirty(2, token="dead", now_ms=1000, lease_ms=500)) == 2
+    assert await store.claim_dirty(5, token="w2", now_ms=1499, lease_ms=500) == []
+    assert await store.claim_dirty(5, token="w2", now_ms=1500, lease_ms=500) == [
+        ("a", 10),
+        ("b", 20),
+    ]
+    # the dead worker's late release does not end w2's leases
+    await store.release_claim("dead", ["a", "b"])
+    assert (await store.dirty_stats()).leased == 2
+
+
+async def test_a_user_dirtied_again_while_leased_stays_queued(store: Store) -> None:
+    await store.mark_dirty({"a": 10})
+    await store.claim_dirty(1, token="w1", now_ms=1000, lease_ms=500)
+    await store.mark_dirty({"a": 50})  # a new event while the worker computes
+    await store.release_claim("w1", ["a"])
+    assert await store.pop_dirty(5) == [("a", 50)]
+
+
+async def test_release_can_requeue_a_failed_batch_in_the_same_step(store: Store) -> None:
+    await store.mark_dirty({"a": 10, "b": 20})
+    claimed = dict(await store.claim_dirty(2, token="w1", now_ms=1000, lease_ms=500))
+    await store.release_claim("w1", list(claimed), requeue=claimed)
+    stats = await store.dirty_stats()
+    assert (stats.depth, stats.leased, stats.oldest_ms) == (2, 0, 10)
+
+
+async def test_activity_index_orders_users_by_last_event_and_is_bounded(store: Store) -> None:
+    await store.put_features({"a": state_for("a"), "b": state_for("b")}, dirty_at_ms=100)
+    await store.put_features({"c": state_for("c")}, dirty_at_ms=300)
+    await store.put_features({"a": state_for("a", 4)}, dirty_at_ms=200)
+    await store.put_features({"b": state_for("b", 5)})  # not an event batch: no activity
+    assert await store.active_users(0, 10) == ["c", "a", "b"]
+    assert await store.active_users(1, 1) == ["a"]
+    await store.trim_active(2)
+    assert await store.active_users(0, 10) == ["c", "a"]
+
+
+async def test_a_job_is_claimed_once_until_it_expires(store: Store) -> None:
+    assert await store.claim_job("reembed:v2", ttl_ms=60_000)
+    assert not await store.claim_job("reembed:v2", ttl_ms=60_000)
+    assert await store.claim_job("reembed:v3", ttl_ms=60_000)
+
+
+async def test_compare_and_set_writes_record_activity_too(store: Store) -> None:
+    await store.put_features({"a": state_for("a", 1)}, 100, expected_versions={"a": 0})
+    assert await store.active_users(0, 10) == ["a"]

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service.events import EventType
 from service.features import FeatureState, apply_events, counters_at
-from service.tensors import InputSchema, assemble
+from service.tensors import InputSchema, assemble, bucket_ids
 from tests.helpers import BASE_TS, event, log_of
 
 HOUR = 3_600_000
@@ -62,3 +64,35 @@ def test_schema_digest_is_stable_and_sensitive() -> None:
     assert SCHEMA.digest() == InputSchema(4, 101, 11).digest()
     assert SCHEMA.digest() != InputSchema(5, 101, 11).digest()
     assert InputSchema.from_dict(SCHEMA.to_dict()) == SCHEMA
+
+
+def assemble_one_by_one(
+    states: list[FeatureState], now_ms: int, schema: InputSchema
+) -> dict[str, np.ndarray]:
+    """The plain per-user definition that the vectorized ``assemble`` must equal."""
+    out = {n: np.zeros((len(states), *s[1:]), d) for n, (d, s) in schema.inputs().items()}
+    for row, state in enumerate(states):
+        n = min(state.num_events, schema.history_length)
+        if n:
+            tail = slice(state.num_events - n, state.num_events)
+            out["item_ids"][row, -n:] = bucket_ids(state.item_hashes[tail], schema.item_buckets)
+            out["category_ids"][row, -n:] = bucket_ids(
+                state.category_hashes[tail], schema.category_buckets
+            )
+            out["event_types"][row, -n:] = state.types[tail].astype(np.int64) + 1
+            hours = np.maximum(now_ms - state.timestamps[tail], 0) / HOUR
+            out["ages"][row, -n:] = np.log1p(hours)
+            out["mask"][row, -n:] = 1.0
+        out["counters"][row] = np.log1p(counters_at(state, now_ms)).reshape(-1)
+    return out
+
+
+@given(st.lists(st.integers(0, 9), max_size=12), st.integers(-5 * HOUR, 100 * HOUR))
+def test_the_vectorized_assembly_equals_the_per_user_definition(
+    lengths: list[int], offset: int
+) -> None:
+    states = [state_with(n) for n in lengths]
+    now = BASE_TS + offset
+    fast, slow = assemble(states, now, SCHEMA), assemble_one_by_one(states, now, SCHEMA)
+    for name in SCHEMA.inputs():
+        np.testing.assert_array_equal(fast[name], slow[name], err_msg=name)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
 from models.dataset import DataConfig, Dataset, load_dataset
+from models.export import export_user_tower, torch_embed
+from models.registry import ModelArtifact, publish
 from models.train import TrainConfig, TrainResult, train
 from models.user_tower import TowerConfig
 from models.world import WorldConfig
@@ -25,3 +30,20 @@ def tiny_trained(tiny_data: Dataset) -> TrainResult:
     torch.set_num_threads(1)
     config = TrainConfig(epochs=2, batch_size=32, eval_every=10, progress=False, seed=1)
     return train(tiny_data.train, tiny_data.valid, tiny_data.schema, TINY_TOWER, config)
+
+
+def publish_trained(
+    root: Path, trained: TrainResult, data: Dataset, version: str, **publish_args: Any
+) -> ModelArtifact:
+    """Export a trained tower and publish it, as the training pipeline does."""
+    tower = trained.model.user_tower
+    exported = export_user_tower(tower, data.test.features)
+    return publish(
+        root,
+        version=version,
+        onnx_bytes=exported.onnx_bytes,
+        schema=data.schema,
+        output_dim=exported.output_dim,
+        cold_start_embedding=torch_embed(tower, data.test.features).mean(0).tolist(),
+        **publish_args,
+    )

@@ -24,21 +24,7 @@ from models.standin import publish_standin
 from models.train import TrainResult
 from service.runtime import OnnxModelRuntime
 from service.tensors import InputSchema
-
-
-def _publish(root: Path, trained: TrainResult, data: Dataset, version: str, **kw: object):  # type: ignore[no-untyped-def]
-    tower = trained.model.user_tower
-    exported = export_user_tower(tower, data.test.features)
-    return publish(
-        root,
-        version=version,
-        onnx_bytes=exported.onnx_bytes,
-        schema=data.schema,
-        output_dim=exported.output_dim,
-        cold_start_embedding=torch_embed(tower, data.test.features).mean(0).tolist(),
-        training_metrics={"test_click_auc": 0.5},
-        **kw,  # type: ignore[arg-type]
-    )
+from tests.unit.models.conftest import publish_trained
 
 
 def test_export_parity_checker_and_dynamic_batch(
@@ -63,7 +49,7 @@ def test_export_parity_checker_and_dynamic_batch(
 def test_manifest_records_what_serving_needs(
     tmp_path: Path, tiny_trained: TrainResult, tiny_data: Dataset
 ) -> None:
-    artifact = _publish(tmp_path, tiny_trained, tiny_data, "sum-1", details={"note": "x"})
+    artifact = publish_trained(tmp_path, tiny_trained, tiny_data, "sum-1", details={"note": "x"})
     manifest = json.loads((artifact.directory / MANIFEST_FILE).read_text())
     for field in (
         "version",
@@ -84,7 +70,7 @@ def test_manifest_records_what_serving_needs(
 def test_sha_mismatch_is_refused(
     tmp_path: Path, tiny_trained: TrainResult, tiny_data: Dataset
 ) -> None:
-    artifact = _publish(tmp_path, tiny_trained, tiny_data, "sum-1")
+    artifact = publish_trained(tmp_path, tiny_trained, tiny_data, "sum-1")
     data = bytearray(artifact.model_path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     artifact.model_path.write_bytes(bytes(data))
@@ -95,7 +81,7 @@ def test_sha_mismatch_is_refused(
 def test_schema_mismatch_is_refused(
     tmp_path: Path, tiny_trained: TrainResult, tiny_data: Dataset
 ) -> None:
-    _publish(tmp_path, tiny_trained, tiny_data, "sum-1")
+    publish_trained(tmp_path, tiny_trained, tiny_data, "sum-1")
     other = InputSchema(history_length=50)
     with pytest.raises(RegistryError, match="differs from the expected"):
         load_artifact(tmp_path, expected_schema=other)
@@ -129,9 +115,9 @@ def test_procrustes_recovers_a_known_rotation() -> None:
 def test_publish_with_parent_stores_the_alignment(
     tmp_path: Path, tiny_trained: TrainResult, tiny_data: Dataset
 ) -> None:
-    _publish(tmp_path, tiny_trained, tiny_data, "sum-1")
+    publish_trained(tmp_path, tiny_trained, tiny_data, "sum-1")
     states = tiny_data.test.states
-    child = _publish(
+    child = publish_trained(
         tmp_path,
         tiny_trained,
         tiny_data,

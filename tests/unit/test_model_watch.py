@@ -1,0 +1,123 @@
+"""Registry watching, refusal of bad artifacts, re-embedding after a swap, and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from pathlib import Path
+
+import httpx
+import numpy as np
+from prometheus_client import REGISTRY
+
+from models.registry import ModelArtifact, install
+from models.standin import publish_standin
+from service.embeddings import EmbeddingRecord
+from service.features import FeatureState
+from service.model_watch import ModelWatcher, reembed_active
+from service.ops_server import serve_ops
+from service.redis_server import free_port
+from service.serving_model import ServingModel, load_serving_model
+from service.settings import Settings
+from service.store import MemoryStore
+from service.worker_role import WorkerRole
+from tests.helpers import BASE_TS
+
+
+def refused_total() -> float:
+    value = REGISTRY.get_sample_value("userembed_worker_model_swaps_total", {"outcome": "refused"})
+    return value or 0.0
+
+
+def counting_loader(root: Path) -> tuple[list[str], partial[ServingModel]]:
+    calls: list[str] = []
+
+    def load(version: str) -> ServingModel:
+        calls.append(version)
+        return load_serving_model(root, version)
+
+    return calls, partial(load)
+
+
+async def test_a_corrupted_version_is_refused_once_and_a_good_one_swapped_in(
+    standin: ModelArtifact, tmp_path: Path
+) -> None:
+    root = tmp_path / "registry"
+    install(root, standin)
+    calls, load = counting_loader(root)
+    watcher = ModelWatcher(root, "standin-1", load)
+    assert await watcher.check() is None and calls == []  # nothing new
+
+    publish_standin(root, version="standin-2", history_length=20, seed=2)
+    model_file = root / "standin-2" / "model.onnx"
+    model_file.write_bytes(model_file.read_bytes()[:-10] + b"corrupted!")
+    before = refused_total()
+    assert await watcher.check() is None
+    assert refused_total() == before + 1
+    assert await watcher.check() is None and calls == ["standin-2"]  # not retried
+
+    publish_standin(root, version="standin-3", history_length=20, seed=3)
+    model = await watcher.check()
+    assert model is not None and model.version == "standin-3"
+    assert await watcher.check() is None
+
+
+async def test_a_schema_mismatch_is_refused(standin: ModelArtifact, tmp_path: Path) -> None:
+    root = tmp_path / "registry"
+    install(root, standin)
+    other = publish_standin(root, version="standin-l30", history_length=30, make_current=False)
+    manifest = other.directory / "manifest.json"
+    manifest.write_bytes(
+        manifest.read_bytes().replace(b'"history_length": 30', b'"history_length": 31', 1)
+    )
+    (root / "CURRENT").write_text("standin-l30")  # by hand: set_current would refuse it
+    _, load = counting_loader(root)
+    assert await ModelWatcher(root, "standin-1", load).check() is None
+
+
+async def test_reembedding_queues_active_users_most_recent_first_once() -> None:
+    store = MemoryStore()
+    for i in range(5):  # u4 is the most recently active
+        await store.put_features({f"u{i}": FeatureState.empty()}, dirty_at_ms=BASE_TS + i)
+    await store.pop_dirty(100)
+    done = EmbeddingRecord(np.zeros(4, np.float32), "v2", "v2", BASE_TS, 1)
+    await store.put_embeddings({"u3": done})  # already embedded by the new model
+    stop = asyncio.Event()
+    queued = await reembed_active(
+        store, "v2", rate_per_s=1e6, max_users=100, stop=stop, page=2, clock=lambda: 7
+    )
+    assert queued == 4
+    assert await store.pop_dirty(10) == [("u0", 7), ("u1", 7), ("u2", 7), ("u4", 7)]
+    assert await reembed_active(store, "v2", rate_per_s=1e6, max_users=100, stop=stop) == 0
+
+
+async def test_the_worker_role_waits_for_a_model_then_reports_ready(
+    standin: ModelArtifact, tmp_path: Path
+) -> None:
+    root = tmp_path / "registry"
+    settings = Settings(registry_path=root, worker_model_poll_s=0.05)
+    role = WorkerRole(settings, MemoryStore())
+    port = free_port()
+    server = serve_ops("127.0.0.1", port, role.ready.is_set)
+    stop = asyncio.Event()
+    task = asyncio.create_task(role.run(stop))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            await asyncio.sleep(0.2)
+            assert (await client.get("/readyz")).status_code == 503
+            assert (await client.get("/healthz")).status_code == 200
+            install(root, standin)
+            for _ in range(200):
+                if role.ready.is_set():
+                    break
+                await asyncio.sleep(0.02)
+            assert (await client.get("/readyz")).status_code == 200
+            metrics = (await client.get("/metrics")).text
+            assert (
+                "userembed_worker_model_info{" in metrics
+                and "userembed_worker_ready 1.0" in metrics
+            )
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        server.shutdown()
