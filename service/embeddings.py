@@ -15,6 +15,7 @@ LAYOUT_VERSION: Final = 1
 _MAGIC: Final = b"UE"
 _DTYPE_CODES: Final[dict[str, int]] = {"float16": 1, "float32": 2}
 _CODE_DTYPES: Final = {code: name for name, code in _DTYPE_CODES.items()}
+_LITTLE_ENDIAN: Final = {name: np.dtype(name).newbyteorder("<") for name in _DTYPE_CODES}
 # magic, layout, dtype code, dim, feature_version, computed_at_ms, len(model), len(space)
 _HEADER: Final = struct.Struct("<2sBBHQqBB")
 
@@ -64,8 +65,8 @@ def encode_embedding(record: EmbeddingRecord) -> bytes:
         len(model),
         len(space),
     )
-    little_endian = np.dtype(dtype).newbyteorder("<")
-    return b"".join((header, model, space, record.vector.astype(little_endian).tobytes()))
+    vector = record.vector.astype(_LITTLE_ENDIAN[dtype], copy=False)
+    return b"".join((header, model, space, vector.tobytes()))
 
 
 def decode_embedding(data: bytes) -> EmbeddingRecord:
@@ -83,7 +84,7 @@ def decode_embedding(data: bytes) -> EmbeddingRecord:
         )
     if code not in _CODE_DTYPES:
         raise EmbeddingDecodeError(f"unknown embedding dtype code {code}")
-    dtype = np.dtype(_CODE_DTYPES[code]).newbyteorder("<")
+    dtype = _LITTLE_ENDIAN[_CODE_DTYPES[code]]
     pos = _HEADER.size
     expected = pos + n_model + n_space + dim * dtype.itemsize
     if len(data) != expected:

@@ -13,7 +13,7 @@ import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +27,9 @@ NUM_HALF_LIVES: Final = len(HALF_LIVES_MS)
 NO_POSITION: Final = -1
 
 LAYOUT_VERSION: Final = 1
+_LE_INT64: Final = np.dtype("<i8")
+_LE_FLOAT32: Final = np.dtype("<f4")
+_UINT8: Final = np.dtype("u1")
 _MAGIC: Final = b"UF"
 # magic, layout, n_types, n_half_lives, reserved, n_events, version, last_event_ms,
 # partition, offset
@@ -215,18 +218,19 @@ def decode_features(data: bytes) -> FeatureState:
         raise FeatureDecodeError(f"feature record is {len(data)} bytes, expected {expected}")
     pos = _HEADER.size
 
-    def take(dtype: str, count: int) -> npt.NDArray[np.generic]:
+    def take(dtype: np.dtype[Any], count: int) -> npt.NDArray[Any]:
+        """A read-only view of the next field (a copy only on big-endian hosts)."""
         nonlocal pos
         array = np.frombuffer(data, dtype=dtype, count=count, offset=pos)
         pos += array.nbytes
-        return array
+        return array.astype(dtype.newbyteorder("="), copy=False)
 
     return FeatureState(
-        item_hashes=take("<i8", n).astype(np.int64),
-        category_hashes=take("<i8", n).astype(np.int64),
-        timestamps=take("<i8", n).astype(np.int64),
-        types=take("u1", n).astype(np.uint8),
-        counters=take("<f4", n_types * n_half).astype(np.float32).reshape(n_types, n_half),
+        item_hashes=take(_LE_INT64, n),
+        category_hashes=take(_LE_INT64, n),
+        timestamps=take(_LE_INT64, n),
+        types=take(_UINT8, n),
+        counters=take(_LE_FLOAT32, n_types * n_half).reshape(n_types, n_half),
         last_event_ms=last_ms,
         version=version,
         partition=partition,
