@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from models.registry import (
+    FP16_MODEL_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
     ModelArtifact,
@@ -17,7 +18,7 @@ from models.registry import (
 )
 from models.standin import build_standin, publish_standin
 from service.features import FeatureState, apply_events
-from service.runtime import CPU, OnnxModelRuntime
+from service.runtime import CPU, CUDA, OnnxModelRuntime, choose_providers, to_fp16
 from service.tensors import InputSchema, assemble
 from tests.helpers import BASE_TS, event, log_of
 
@@ -103,3 +104,44 @@ def test_versions_are_immutable_and_names_checked(tmp_path: Path) -> None:
             output_dim=1,
             cold_start_embedding=[0.0],
         )
+
+
+def users_tensors(schema: InputSchema, n: int = 16) -> dict[str, np.ndarray]:
+    events = [event(f"u{i % n}", ts=BASE_TS + i, item_id=i) for i in range(4 * n)]
+    states = {}
+    for e in log_of(events):
+        prior = states.get(e.event.user_id, FeatureState.empty())
+        states[e.event.user_id] = apply_events(prior, [e], schema.history_length)[0]
+    return assemble(list(states.values()), BASE_TS + 10_000, schema)
+
+
+def test_io_binding_gives_the_same_embeddings_as_plain_runs(standin: ModelArtifact) -> None:
+    plain = OnnxModelRuntime.from_artifact(standin, io_binding=False)
+    bound = OnnxModelRuntime.from_artifact(standin, io_binding=True)
+    tensors = users_tensors(plain.schema)
+    np.testing.assert_array_equal(bound.infer(tensors), plain.infer(tensors))
+
+
+def test_the_fp16_variant_stays_close_to_fp32(standin: ModelArtifact, tmp_path: Path) -> None:
+    fp32 = OnnxModelRuntime.from_artifact(standin, precision="fp32")
+    converted = OnnxModelRuntime.from_artifact(standin, precision="fp16")
+    assert (fp32.precision, converted.precision) == ("fp32", "fp16")
+    tensors = users_tensors(fp32.schema)
+    np.testing.assert_allclose(converted.infer(tensors), fp32.infer(tensors), atol=5e-3)
+    # an artifact that ships its own fp16 graph is served with it
+    schema = standin.manifest.schema
+    shipped = publish(
+        tmp_path,
+        version="with-fp16",
+        onnx_bytes=standin.model_path.read_bytes(),
+        schema=schema,
+        output_dim=standin.manifest.output_dim,
+        cold_start_embedding=standin.manifest.cold_start_embedding,
+        extra_files={FP16_MODEL_FILE: to_fp16(build_standin(schema, seed=4))},
+    )
+    assert shipped.fp16_model_path is not None
+    own = OnnxModelRuntime.from_artifact(shipped, precision="fp16")
+    other_weights = OnnxModelRuntime(build_standin(schema, seed=4), version="x", schema=schema)
+    np.testing.assert_allclose(own.infer(tensors), other_weights.infer(tensors), atol=5e-3)
+    auto = "fp16" if CUDA in choose_providers() else "fp32"
+    assert OnnxModelRuntime.from_artifact(shipped).precision == auto
