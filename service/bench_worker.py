@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY
 from service.clock import now_ms
 from service.features import FeatureState, apply_events
 from service.redis_server import private_redis
+from service.runtime import Precision
 from service.serving_model import ServingModel, load_serving_model
 from service.store import RedisStore
 from service.synthetic import SyntheticTraffic
@@ -40,6 +41,7 @@ class WorkerBenchConfig:
     batch_sizes: Sequence[int] = (64, 256, 1024)
     redis_url: str | None = None
     intra_op_threads: int = 0
+    precision: Precision = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +178,7 @@ def run_worker_bench(config: WorkerBenchConfig) -> list[WorkerBenchRow]:
         DEFAULT_REGISTRY,
         DEFAULT_VERSION,
         intra_op_threads=config.intra_op_threads,
+        precision=config.precision,
         warm_up_batches=sorted({1, *config.batch_sizes}),
     )
     with _redis(config) as redis_url:
