@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench-read default-model clean venv
+.PHONY: demo test lint typecheck validate-deploy bench-read proto load default-model clean venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,24 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-## Read-path benchmark: API over HTTP vs a raw async Redis GET, against a real redis-server.
+## Deployment checks only: Dockerfile lint, Compose spec, rendered Kubernetes manifests, dashboard/alerts.
+validate-deploy: $(STAMP)
+	$(BIN)/pytest -q tests/deploy
+
+## Read-path benchmark: API over HTTP and gRPC vs raw async Redis GET/MGET, against a real redis-server.
 bench-read: $(STAMP)
 	$(BIN)/userembed bench read
+
+## Regenerate the committed gRPC code from service/proto/userembed/v1/embeddings.proto.
+proto: $(STAMP)
+	$(BIN)/python -m service.grpc_codegen
+
+## Locust ranker load test against a running `userembed serve` (CSV + HTML in var/loadtest).
+LOAD_HOST     ?= http://127.0.0.1:8000
+LOAD_DURATION ?= 60s
+LOAD_CLIENTS  ?= 32
+load: $(STAMP)
+	LOCUST=$(BIN)/locust loadtests/run.sh $(LOAD_HOST) $(LOAD_DURATION) $(LOAD_CLIENTS) var/loadtest
 
 ## Re-train the committed default model of the demo (models/artifacts, ~75 s on 2 cores).
 default-model: $(STAMP)

@@ -1,66 +1,66 @@
-"""The read API for rankers: one bulk Redis read per request, never any model work.
+"""The HTTP API: the read routes for rankers, event intake, health and metrics.
 
-A missing or stale embedding still gets an immediate answer (the cold-start
-embedding, or the stale one, flagged as such) and a background refresh request.
+:class:`ApiApp` is the ASGI entry point. It gives every request an id, checks API
+keys, counts in-flight requests and observes latency; the two read routes are
+answered directly by :mod:`service.http_reads` (no framework on the hot path),
+everything else by a small FastAPI app, which also serves the OpenAPI document
+of all routes. Errors are ``{"error": {"code", "message", "details"?}}``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
-import msgspec
-import numpy as np
 import orjson
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse as StarletteJSONResponse
+from starlette.types import Message, Receive, Scope, Send
 
 from service.clock import Clock, now_ms
-from service.cold_start import ColdStart
-from service.embeddings import EmbeddingRecord
-from service.events import Event, EventRejected, convert_event, user_id_problem
+from service.frontend import REQUEST_ID, KeyChecker, RouteLatency, new_request_id
+from service.http_events import ApiError, events_openapi, validate_events
+from service.http_reads import (
+    GET_ROUTE,
+    HTTP_STATUS,
+    ReadEndpoints,
+    openapi_read_paths,
+    read_route,
+)
 from service.ingest import EventSink
-from service.metrics import API_REQUEST_SECONDS, API_SERVED, API_STORE_ERRORS
-from service.refresh import RefreshRequester
+from service.metrics import API_IN_FLIGHT
+from service.reads import ColdStartSource, EmbeddingReader, ReadError
 from service.settings import Settings
 from service.store import Store, StoreUnavailable
 
-ColdStartSource = Callable[[], ColdStart | None]
+log = logging.getLogger(__name__)
+
+OPS_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+DOC_PATHS: Final = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+_JSON_HEADER: Final = (b"content-type", b"application/json")
 
 
-class ApiError(Exception):
-    """An error answered as ``{"error": {"code", "message"}}`` with an HTTP status."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        headers: dict[str, str] | None = None,
-        details: list[dict[str, Any]] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
-        self.details = details
-
-
-class BatchGetRequest(BaseModel):
-    user_ids: list[str]
-
-
-class JSONResponse(Response):
-    media_type = "application/json"
+class JSONResponse(StarletteJSONResponse):
+    """JSON via orjson (numpy arrays included)."""
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> bytes:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = details
+    return orjson.dumps({"error": error})
 
 
 def _error_response(
@@ -70,157 +70,179 @@ def _error_response(
     headers: dict[str, str] | None = None,
     details: list[dict[str, Any]] | None = None,
 ) -> Response:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if details is not None:
-        error["details"] = details
-    return JSONResponse({"error": error}, status, headers=headers)
+    return Response(error_body(code, message, details), status, headers, "application/json")
 
 
-class MetricsMiddleware:
-    """Latency per route template and status, as a pure ASGI middleware (no per-request
-    task or body buffering, unlike BaseHTTPMiddleware)."""
+HTTP_LATENCY: Final = RouteLatency("http")
 
-    def __init__(self, app: ASGIApp) -> None:
+
+class ApiApp:
+    """ASGI entry point: request id, auth, metrics; read routes direct, the rest FastAPI."""
+
+    def __init__(
+        self, app: FastAPI, reads: ReadEndpoints, keys: KeyChecker, auth_ops: bool
+    ) -> None:
         self.app = app
+        self._reads = reads
+        self._keys = keys
+        self._open = (DOC_PATHS | OPS_PATHS) if not auth_ops else DOC_PATHS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        authorization = offered_id = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"x-request-id":
+                offered_id = value
+        request_id = new_request_id(offered_id)
+        REQUEST_ID.set(request_id)  # each request runs in its own task and context
+        path: str = scope["path"]
+        route = read_route(path)
+        API_IN_FLIGHT.inc()
         status = 500
+        try:
+            if self._keys and path not in self._open and not self._keys.allows(authorization):
+                status = await self._fail(
+                    send,
+                    request_id,
+                    ReadError(
+                        "unauthenticated",
+                        "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                    ),
+                )
+            elif route is not None:
+                status = await self._read(route, scope, receive, send, request_id)
+            else:
+                status = await self._delegate(scope, receive, send, request_id)
+                found = scope.get("route")
+                route = getattr(found, "path", "unmatched")
+        finally:
+            API_IN_FLIGHT.dec()
+            elapsed = time.perf_counter() - started
+            HTTP_LATENCY.observe(route or "unmatched", str(status), elapsed)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "event=request request_id=%s method=%s path=%s status=%d ms=%.3f",
+                    request_id,
+                    scope["method"],
+                    path,
+                    status,
+                    elapsed * 1000,
+                )
 
-        async def send_with_status(message: Message) -> None:
+    async def _read(
+        self, route: str, scope: Scope, receive: Receive, send: Send, request_id: str
+    ) -> int:
+        try:
+            body = await self._reads.handle(route, scope, receive)
+        except ReadError as exc:
+            return await self._fail(send, request_id, exc, route)
+        except Exception as exc:
+            log.exception("event=read_failed request_id=%s reason=%r", request_id, str(exc))
+            return await self._fail(
+                send, request_id, ReadError("internal", "internal error; see the server log")
+            )
+        await _send(send, 200, body, request_id)
+        return 200
+
+    async def _fail(
+        self, send: Send, request_id: str, error: ReadError, route: str | None = None
+    ) -> int:
+        status = HTTP_STATUS.get(error.code, 500)
+        extra: list[tuple[bytes, bytes]] = []
+        if error.retry_after_s is not None:
+            extra.append((b"retry-after", str(error.retry_after_s).encode()))
+        if status == 401:
+            extra.append((b"www-authenticate", b"Bearer"))
+        if status == 405:
+            extra.append((b"allow", b"GET" if route == GET_ROUTE else b"POST"))
+        level = logging.WARNING if status >= 500 else logging.DEBUG
+        log.log(
+            level,
+            "event=request_failed request_id=%s status=%d code=%s reason=%r",
+            request_id,
+            status,
+            error.code,
+            error.message,
+        )
+        await _send(send, status, error_body(error.code, error.message), request_id, extra)
+        return status
+
+    async def _delegate(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> int:
+        status = 500
+        id_header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            API_REQUEST_SECONDS.labels(template, str(status)).observe(time.perf_counter() - started)
+        await self.app(scope, receive, send_with_id)
+        return status
 
 
-class EmbeddingReader:
-    """Turns stored records into answers and asks for refreshes of missing/stale ones."""
+async def _send(
+    send: Send,
+    status: int,
+    body: bytes,
+    request_id: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    headers = [
+        _JSON_HEADER,
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
+    if extra:
+        headers += extra
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
-    def __init__(
-        self,
-        store: Store,
-        cold_start: ColdStartSource,
-        refresher: RefreshRequester,
-        *,
-        refresh_after_ms: int,
-        cold_start_404: bool,
-        clock: Clock = now_ms,
-    ) -> None:
-        self._store = store
-        self._cold_start = cold_start
-        self._refresher = refresher
-        self._refresh_after_ms = refresh_after_ms
-        self._cold_start_404 = cold_start_404
-        self._clock = clock
 
-    async def read(self, user_ids: Sequence[str]) -> list[dict[str, Any]]:
-        try:
-            records = await self._store.get_embeddings(user_ids)
-        except StoreUnavailable as exc:
-            API_STORE_ERRORS.inc()
-            raise ApiError(
-                503, "store_unavailable", f"{exc}; retry shortly", {"Retry-After": "1"}
-            ) from exc
-        now = self._clock()
-        answers = [self._answer(u, r, now) for u, r in zip(user_ids, records, strict=True)]
-        self._refresher.request(a["user_id"] for a in answers if a["status"] != "fresh")
-        return answers
+class Status(BaseModel):
+    status: str
 
-    def _answer(self, user_id: str, record: EmbeddingRecord | None, now: int) -> dict[str, Any]:
-        if record is not None:
-            staleness = record.staleness_ms(now)
-            status = "fresh" if staleness <= self._refresh_after_ms else "stale"
-            API_SERVED.labels(status).inc()
-            return {
-                "user_id": user_id,
-                "embedding": record.vector.astype(np.float32),
-                "dim": record.dim,
-                "model_version": record.model_version,
-                "space_version": record.space_version,
-                "computed_at": record.computed_at_ms,
-                "feature_version": record.feature_version,
-                "staleness_ms": staleness,
-                "status": status,
+
+class Accepted(BaseModel):
+    accepted: int
+
+
+class _DocumentedApp(FastAPI):
+    """FastAPI whose OpenAPI document also describes the directly served read routes."""
+
+    read_paths: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            paths, schemas = self.read_paths
+            schema["paths"] = {**paths, **schema.get("paths", {})}
+            components = schema.setdefault("components", {})
+            components.setdefault("schemas", {}).update(schemas)
+            components.setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "required when API keys are configured",
             }
-        cold = None if self._cold_start_404 else self._cold_start()
-        API_SERVED.labels("cold_start" if cold else "not_found").inc()
-        return {
-            "user_id": user_id,
-            "embedding": None if cold is None else cold.vector,
-            "dim": None if cold is None else int(cold.vector.shape[0]),
-            "model_version": None if cold is None else cold.model_version,
-            "space_version": None if cold is None else cold.model_version,
-            "computed_at": None,
-            "feature_version": None,
-            "staleness_ms": None,
-            "status": "not_found" if cold is None else "cold_start",
-        }
+            schema["security"] = [{}, {"bearer": []}]
+            self.openapi_schema = schema
+        return self.openapi_schema
 
 
-def _check_user_id(user_id: str) -> None:
-    problem = user_id_problem(user_id)
-    if problem is not None:
-        raise ApiError(400, "invalid_user_id", problem)
-
-
-def bearer_auth(keys: Sequence[str]) -> Callable[[Request], Awaitable[None]]:
-    """A dependency that requires ``Authorization: Bearer <key>`` for one of ``keys``."""
-    encoded = [k.encode() for k in keys]
-
-    async def check(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        # compare against every key, so timing does not reveal which one matched
-        matched = [hmac.compare_digest(token.encode(), k) for k in encoded]
-        if scheme.lower() != "bearer" or not any(matched):
-            raise ApiError(
-                401,
-                "unauthenticated",
-                "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                {"WWW-Authenticate": "Bearer"},
-            )
-
-    return check
-
-
-def validate_events(body: bytes, now: int, max_events: int) -> list[Event]:
-    """Parse a JSON array of events; all or nothing, with every rejection's reason."""
-    try:
-        items = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, "invalid_request", f"body is not valid JSON: {exc}") from None
-    if not isinstance(items, list) or not items:
-        raise ApiError(400, "invalid_request", "body must be a non-empty JSON array of events")
-    if len(items) > max_events:
-        raise ApiError(
-            400, "batch_too_large", f"{len(items)} events sent; at most {max_events} per call"
-        )
-    events: list[Event] = []
-    rejected: list[dict[str, Any]] = []
-    for index, item in enumerate(items):
-        try:
-            events.append(convert_event(item, now))
-        except EventRejected as exc:
-            rejected.append({"index": index, "reason": exc.reason})
-    if rejected:
-        raise ApiError(
-            400,
-            "invalid_events",
-            f"{len(rejected)} of {len(items)} events rejected; nothing was accepted",
-            details=rejected,
-        )
-    return events
+_ERROR_JSON: Final = {
+    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+}
+_ERROR_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
+    400: {"description": "invalid request", "content": _ERROR_JSON},
+    401: {"description": "missing or invalid API key", "content": _ERROR_JSON},
+    503: {"description": "not available", "content": _ERROR_JSON},
+}
 
 
 def create_app(
@@ -230,39 +252,38 @@ def create_app(
     *,
     event_sink: EventSink | None = None,
     clock: Clock = now_ms,
-) -> FastAPI:
-    """The FastAPI app over ``store``; the caller owns the store's and the sink's lifetime.
+    reader: EmbeddingReader | None = None,
+) -> ApiApp:
+    """The HTTP API over ``store``; the caller owns the store's and the sink's lifetime.
 
-    Without ``event_sink``, POST /v1/events answers 503 (intake not configured)."""
-    refresher = RefreshRequester(store, int(settings.refresh_coalesce_s * 1000), clock=clock)
-    reader = EmbeddingReader(
-        store,
-        cold_start,
-        refresher,
-        refresh_after_ms=int(settings.refresh_after_s * 1000),
-        cold_start_404=settings.cold_start_404,
-        clock=clock,
-    )
-    max_ids = settings.batch_get_max_ids
+    Without ``reader`` one is built from ``settings`` and its background refresh
+    flusher runs with the app's lifespan; a ``reader`` passed in (shared with the
+    gRPC server) is run by the caller. Without ``event_sink``, POST /v1/events
+    answers 503 (intake not configured)."""
+    owned = reader is None
+    reads_core = reader or EmbeddingReader.from_settings(store, settings, cold_start, clock)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if not owned:
+            yield
+            return
         stop = asyncio.Event()
-        flusher = asyncio.create_task(refresher.run(stop), name="refresh-flusher")
+        flusher = asyncio.create_task(reads_core.run(stop), name="refresh-flusher")
         yield
         stop.set()
         await flusher
 
-    app = FastAPI(
+    app = _DocumentedApp(
         title="userembed",
         summary="Fresh, stable user embeddings for rankers",
         version="0.1.0",
         lifespan=lifespan,
         default_response_class=JSONResponse,
     )
-    app.add_middleware(MetricsMiddleware)
-    keys = settings.resolved_api_keys()
-    auth = [Depends(bearer_auth(keys))] if keys else []
+    read_paths, read_schemas = openapi_read_paths(settings.batch_get_max_ids)
+    events_body, event_schemas = events_openapi(settings.api_events_max)
+    app.read_paths = (read_paths, {**read_schemas, **event_schemas})
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> Response:
@@ -275,29 +296,19 @@ def create_app(
         )
         return _error_response(400, "invalid_request", reasons)
 
-    @app.get("/v1/users/{user_id}/embedding", dependencies=auth)
-    async def get_embedding(user_id: str) -> Response:
-        _check_user_id(user_id)
-        (answer,) = await reader.read([user_id])
-        if answer["status"] == "not_found":
-            raise ApiError(
-                404, "not_found", f"no embedding for {user_id!r} yet; a refresh was requested"
-            )
-        return JSONResponse(answer)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(exc.headers) if exc.headers else None
+        return _error_response(exc.status_code, code, str(exc.detail), headers)
 
-    @app.post("/v1/embeddings:batchGet", dependencies=auth)
-    async def batch_get(body: BatchGetRequest) -> Response:
-        if len(body.user_ids) > max_ids:
-            raise ApiError(
-                400,
-                "batch_too_large",
-                f"{len(body.user_ids)} user_ids requested; at most {max_ids} per call",
-            )
-        for user_id in body.user_ids:
-            _check_user_id(user_id)
-        return JSONResponse({"embeddings": await reader.read(body.user_ids)})
-
-    @app.post("/v1/events", dependencies=auth, status_code=202)
+    @app.post(
+        "/v1/events",
+        status_code=202,
+        response_model=Accepted,
+        responses=_ERROR_RESPONSES,
+        openapi_extra={"requestBody": events_body},
+    )
     async def post_events(request: Request) -> Response:
         """Validate a JSON array of events and hand them to Kafka (all or nothing)."""
         events = validate_events(await request.body(), clock(), settings.api_events_max)
@@ -311,12 +322,14 @@ def create_app(
             ) from exc
         return JSONResponse({"accepted": len(events)}, 202)
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Status)
     async def healthz() -> Response:
+        """Liveness: the process answers."""
         return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=Status, responses={503: _ERROR_RESPONSES[503]})
     async def readyz() -> Response:
+        """Readiness: the store answers and a model (cold-start embedding) is published."""
         problems = []
         try:
             await store.ping()
@@ -328,8 +341,14 @@ def create_app(
             return _error_response(503, "not_ready", "; ".join(problems))
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}},
+    )
     async def metrics() -> Response:
+        """Prometheus metrics of this process."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    keys = KeyChecker(settings.resolved_api_keys())
+    return ApiApp(app, ReadEndpoints(reads_core), keys, settings.api_auth_ops)

@@ -1,8 +1,12 @@
-"""Read-path benchmark: the API's GET over HTTP next to a raw Redis GET of the same record.
+"""Read-path benchmark: the API over HTTP and gRPC next to a raw Redis read of the same
+records.
 
-Both targets run under one load generator (same tasks, same user draws, same timing),
-so the api/redis ratio is what the API adds on top of its one Redis round trip. The
-numbers are printed, never asserted. With ``redis_url`` given, ``ue:u0..`` are overwritten.
+All targets run under one load generator (same tasks, same user draws, same timing),
+so the api/redis ratio is what the API adds on top of its one Redis round trip.
+Single-user reads (GET / GetEmbedding / Redis GET) and batches (batchGet with JSON
+numbers and with base64 float16 / BatchGetEmbeddings / Redis MGET of ``batch_size``
+users) are measured at each concurrency. The numbers are printed, never asserted.
+With ``redis_url`` given, ``ue:u0..`` are overwritten.
 """
 
 from __future__ import annotations
@@ -22,29 +26,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import grpc
 import numpy as np
+import orjson
 import redis.asyncio as aioredis
 import uvloop
 
 from service.clock import now_ms
 from service.embeddings import EmbeddingRecord
+from service.proto.userembed.v1 import embeddings_pb2 as pb
 from service.redis_server import free_port, private_redis, stop_process
 from service.store import RedisStore
 
 DIM = 128
-DRAWS_PER_TASK = 4096  # user ids cycled by each task, drawn up front so the loop stays cheap
-Request = Callable[[str], Awaitable[bool]]
-_ROW = "{:<10} {:>5} {:>9} {:>7} {:>9} {:>8} {:>8} {:>9}"
+DRAWS_PER_TASK = 4096  # requests prepared up front per task (cycled), so the loop stays cheap
+BATCH_DRAWS_PER_TASK = 256
+Request = Callable[[Any], Awaitable[bool]]
+_ROW = "{:<17} {:>4} {:>9} {:>7} {:>9} {:>8} {:>8} {:>9}"
+_GET_METHOD = "/userembed.v1.Embeddings/GetEmbedding"
+_BATCH_METHOD = "/userembed.v1.Embeddings/BatchGetEmbeddings"
 
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
-    """What to measure; ``redis_url=None`` starts a private redis-server for the run."""
+    """What to measure; ``redis_url=None`` starts a private redis-server for the run.
+    ``batch_size=0`` skips the batch rows."""
 
     redis_url: str | None = None
-    concurrency: Sequence[int] = (1, 16, 64)
+    concurrency: Sequence[int] = (8, 32, 64)
     duration_s: float = 5.0
     users: int = 10_000
+    batch_size: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +73,18 @@ class BenchRow:
     p999_ms: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Ports:
+    http: int
+    grpc: int
+
+
 def run_read_bench(config: BenchConfig) -> list[BenchRow]:
-    """Populate Redis, start the API as a subprocess, measure both targets, print a table."""
+    """Populate Redis, start the API as a subprocess, measure every target, print a table."""
     if not config.concurrency or min(config.concurrency) < 1:
         raise ValueError(f"concurrency levels must be >= 1, got {list(config.concurrency)}")
-    if config.duration_s <= 0 or config.users < 1:
-        raise ValueError(f"need duration_s > 0 and users >= 1, got {config}")
+    if config.duration_s <= 0 or config.users < 1 or config.batch_size < 0:
+        raise ValueError(f"need duration_s > 0, users >= 1, batch_size >= 0, got {config}")
     # Imported here: building the stand-in pulls in onnx, which the rest of the module avoids.
     from models.standin import publish_standin
 
@@ -75,9 +93,9 @@ def run_read_bench(config: BenchConfig) -> list[BenchRow]:
         registry = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="userembed-bench-")))
         uvloop.run(_populate(url, config.users))
         publish_standin(registry)
-        port = free_port()
-        stack.enter_context(_api_process(url, registry, port))
-        return uvloop.run(_bench(url, port, config))
+        ports = _Ports(free_port(), free_port())
+        stack.enter_context(_api_process(url, registry, ports))
+        return uvloop.run(_bench(url, ports, config))
 
 
 async def _populate(url: str, users: int, chunk: int = 1000) -> None:
@@ -96,20 +114,22 @@ async def _populate(url: str, users: int, chunk: int = 1000) -> None:
 
 
 @contextlib.contextmanager
-def _api_process(redis_url: str, registry: Path, port: int) -> Iterator[None]:
+def _api_process(redis_url: str, registry: Path, ports: _Ports) -> Iterator[None]:
     """Run ``userembed serve`` until the block exits; every stored record reads as fresh."""
     env = {k: v for k, v in os.environ.items() if k not in ("USEREMBED_API_KEYS",)}
     env.update(
         USEREMBED_REDIS_URL=redis_url,
         USEREMBED_REGISTRY_PATH=str(registry),
         USEREMBED_REFRESH_AFTER_S="86400",  # no refresh writes to disturb the comparison
+        USEREMBED_API_EVENTS_ENABLED="false",
     )
-    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "service.cli", "serve"]
+    command += ["--port", str(ports.http), "--grpc-port", str(ports.grpc)]
     # stderr to a file, not a pipe: a pipe nobody reads could fill and stall the server
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         try:
-            _wait_ready(process, port, stderr)
+            _wait_ready(process, ports.http, stderr)
             yield
         finally:
             stop_process(process)
@@ -155,14 +175,21 @@ class _KeepAliveHttp:
 
     async def get_embedding(self, user_id: str) -> bool:
         """GET the user's embedding; False on a non-200 answer or a broken connection."""
+        return await self._exchange(
+            b"GET /v1/users/%s/embedding HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % user_id.encode()
+        )
+
+    async def batch_get(self, request: bytes) -> bool:
+        """POST a prepared batchGet request (see :func:`batch_request`)."""
+        return await self._exchange(request)
+
+    async def _exchange(self, request: bytes) -> bool:
         try:
             if self._streams is None:
                 self._streams = await asyncio.open_connection("127.0.0.1", self._port)
             reader, writer = self._streams
-            # No drain(): the request is tiny and we wait for the answer before the next one.
-            writer.write(
-                b"GET /v1/users/%s/embedding HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % user_id.encode()
-            )
+            # No drain(): the request is small and we wait for the answer before the next one.
+            writer.write(request)
             head = (await reader.readuntil(b"\r\n\r\n")).lower().split(b"\r\n")
             fields = {k.strip(): v.strip() for k, v in (h.split(b":", 1) for h in head[1:-2])}
             # KeyError: no Content-Length; this client does not read chunked bodies
@@ -184,8 +211,35 @@ class _KeepAliveHttp:
                 await writer.wait_closed()
 
 
+def batch_request(user_ids: Sequence[str], encoding: str = "json") -> bytes:
+    body = orjson.dumps({"user_ids": list(user_ids), "encoding": encoding})
+    head = (
+        b"POST /v1/embeddings:batchGet HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    return head + body
+
+
+def _grpc_call(channel: grpc.aio.Channel, method: str, response: Any) -> Request:
+    """A unary call on ``channel`` taking a prepared request message; False on any error."""
+    call = channel.unary_unary(
+        method,
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=response.FromString,
+    )
+
+    async def send(message: Any) -> bool:
+        try:
+            await call(message)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+    return send
+
+
 async def _measure(
-    target: str, requests: Sequence[Request], draws: Sequence[list[str]], duration_s: float
+    target: str, requests: Sequence[Request], draws: Sequence[Sequence[Any]], duration_s: float
 ) -> BenchRow:
     """Closed loop: each task sends its next request as soon as the previous one answers."""
     start = time.perf_counter_ns()
@@ -195,10 +249,10 @@ async def _measure(
     errors = [0] * len(requests)
 
     async def run(i: int) -> None:
-        request, user_ids, counted = requests[i], draws[i], latencies[i]
+        request, payloads, counted = requests[i], draws[i], latencies[i]
         k = 0
         while (t0 := time.perf_counter_ns()) < end:
-            ok = await request(user_ids[k % len(user_ids)])
+            ok = await request(payloads[k % len(payloads)])
             elapsed = time.perf_counter_ns() - t0
             k += 1
             if t0 >= count_from:
@@ -215,7 +269,69 @@ async def _measure(
     return BenchRow(target, len(requests), n, sum(errors), n / window_s, p50, p99, p999)
 
 
-async def _bench(redis_url: str, port: int, config: BenchConfig) -> list[BenchRow]:
+def _print_row(r: BenchRow) -> None:
+    ms = (f"{v:.3f}" for v in (r.p50_ms, r.p99_ms, r.p999_ms))
+    print(_ROW.format(r.target, r.concurrency, r.requests, r.errors, f"{r.rps:.0f}", *ms))
+
+
+def _print_ratios(c: int, rows: Sequence[BenchRow], base: BenchRow) -> None:
+    parts = [
+        f"{r.target}: p50 x{_ratio(r.p50_ms, base.p50_ms)}"
+        f" p99 x{_ratio(r.p99_ms, base.p99_ms)} req/s x{_ratio(r.rps, base.rps)}"
+        for r in rows
+    ]
+    print(f"  vs {base.target} c={c}: " + "  |  ".join(parts), flush=True)
+
+
+async def _single_rows(
+    ports: _Ports, redis_url: str, c: int, ids: Sequence[Sequence[str]], duration_s: float
+) -> list[BenchRow]:
+    draws = [list(row) for row in ids]
+    http = [_KeepAliveHttp(ports.http) for _ in range(c)]
+    try:
+        api = await _measure("api-http", [h.get_embedding for h in http], draws, duration_s)
+    finally:
+        await asyncio.gather(*(h.close() for h in http))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+        get = _grpc_call(channel, _GET_METHOD, pb.Embedding)
+        messages = [[pb.GetEmbeddingRequest(user_id=u) for u in row] for row in draws]
+        rpc = await _measure("api-grpc", [get] * c, messages, duration_s)
+    client = aioredis.Redis.from_url(redis_url, max_connections=c)
+    try:
+        keys = [[f"ue:{u}" for u in row] for row in draws]
+        base = await _measure("redis-get", [_redis_get(client)] * c, keys, duration_s)
+    finally:
+        await client.aclose()
+    return [api, rpc, base]
+
+
+async def _batch_rows(
+    ports: _Ports, redis_url: str, c: int, groups: Sequence[Sequence[list[str]]], duration_s: float
+) -> list[BenchRow]:
+    n = len(groups[0][0])
+    http = [_KeepAliveHttp(ports.http) for _ in range(c)]
+    try:
+        bodies = [[batch_request(g) for g in row] for row in groups]
+        api = await _measure(f"api-http-b{n}", [h.batch_get for h in http], bodies, duration_s)
+        # the same batches with base64 float16 vectors instead of JSON numbers
+        bodies = [[batch_request(g, "base64_float16") for g in row] for row in groups]
+        b64 = await _measure(f"api-http-b{n}-f16", [h.batch_get for h in http], bodies, duration_s)
+    finally:
+        await asyncio.gather(*(h.close() for h in http))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+        call = _grpc_call(channel, _BATCH_METHOD, pb.BatchGetEmbeddingsResponse)
+        messages = [[pb.BatchGetEmbeddingsRequest(user_ids=g) for g in row] for row in groups]
+        rpc = await _measure(f"api-grpc-b{n}", [call] * c, messages, duration_s)
+    client = aioredis.Redis.from_url(redis_url, max_connections=c)
+    try:
+        keys = [[[f"ue:{u}" for u in g] for g in row] for row in groups]
+        base = await _measure(f"redis-mget{n}", [_redis_mget(client)] * c, keys, duration_s)
+    finally:
+        await client.aclose()
+    return [api, b64, rpc, base]
+
+
+async def _bench(redis_url: str, ports: _Ports, config: BenchConfig) -> list[BenchRow]:
     info = aioredis.Redis.from_url(redis_url)
     try:
         redis_version = str((await info.info("server")).get("redis_version", "unknown"))
@@ -224,49 +340,54 @@ async def _bench(redis_url: str, port: int, config: BenchConfig) -> list[BenchRo
     print(
         f"userembed bench read  commit={_commit()}  python={platform.python_version()}"
         f"  cpus={os.cpu_count()}  redis={redis_version}  users={config.users}"
-        f"  duration={config.duration_s}s"
+        f"  duration={config.duration_s}s  batch={config.batch_size}"
     )
-    print(
-        _ROW.format("target", "conc", "requests", "errors", "req/s", "p50 ms", "p99 ms", "p99.9 ms")
-    )
+    print(_ROW.format("target", "conc", "requests", "errors", "req/s", "p50 ms", "p99 ms", "p99.9"))
     rows: list[BenchRow] = []
     for c in config.concurrency:
-        # the same draws for both targets: the same users, in the same order, per task
-        ids = np.random.default_rng(c).integers(0, config.users, (c, DRAWS_PER_TASK))
-        draws = [[f"u{i}" for i in row] for row in ids.tolist()]
-        http = [_KeepAliveHttp(port) for _ in range(c)]
-        try:
-            api = await _measure(
-                "api-http", [h.get_embedding for h in http], draws, config.duration_s
-            )
-        finally:
-            await asyncio.gather(*(h.close() for h in http))
-        client = aioredis.Redis.from_url(redis_url, max_connections=c)
-        try:
-            base = await _measure("redis-get", [_redis_get(client)] * c, draws, config.duration_s)
-        finally:
-            await client.aclose()
-        for r in (api, base):
-            ms = (f"{v:.3f}" for v in (r.p50_ms, r.p99_ms, r.p999_ms))
-            print(_ROW.format(r.target, r.concurrency, r.requests, r.errors, f"{r.rps:.0f}", *ms))
-        print(
-            f"{'ratio api/redis':<16} c={c:<4} p50 x{_ratio(api.p50_ms, base.p50_ms)}"
-            f"  p99 x{_ratio(api.p99_ms, base.p99_ms)}  req/s x{_ratio(api.rps, base.rps)}"
+        # the same draws for every target: the same users, in the same order, per task
+        rng = np.random.default_rng(c)
+        ids = rng.integers(0, config.users, (c, DRAWS_PER_TASK))
+        single = await _single_rows(
+            ports, redis_url, c, [[f"u{i}" for i in row] for row in ids.tolist()], config.duration_s
         )
-        rows += (api, base)
+        for r in single:
+            _print_row(r)
+        _print_ratios(c, single[:2], single[2])
+        rows += single
+    if config.batch_size:
+        for c in config.concurrency:
+            rng = np.random.default_rng(1000 + c)
+            ids = rng.integers(0, config.users, (c, BATCH_DRAWS_PER_TASK, config.batch_size))
+            groups = [[[f"u{i}" for i in g] for g in row] for row in ids.tolist()]
+            batch = await _batch_rows(ports, redis_url, c, groups, config.duration_s)
+            for r in batch:
+                _print_row(r)
+            _print_ratios(c, batch[:3], batch[3])
+            rows += batch
     return rows
 
 
 def _redis_get(client: aioredis.Redis) -> Request:
     """The baseline: GET of the raw record, the least any reader of this data must do."""
 
-    async def get(user_id: str) -> bool:
+    async def get(key: str) -> bool:
         try:
-            return await client.get(f"ue:{user_id}") is not None
+            return await client.get(key) is not None
         except (aioredis.RedisError, OSError):
             return False
 
     return get
+
+
+def _redis_mget(client: aioredis.Redis) -> Request:
+    async def mget(keys: list[str]) -> bool:
+        try:
+            return None not in await client.mget(keys)
+        except (aioredis.RedisError, OSError):
+            return False
+
+    return mget
 
 
 def _ratio(a: float, b: float) -> str:

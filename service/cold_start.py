@@ -10,27 +10,50 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from models.registry import Manifest, RegistryError, current_version, load_manifest
+from models.registry import (
+    Manifest,
+    RegistryError,
+    current_version,
+    load_artifact,
+    served_space,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class ColdStart:
+    """The model's embedding for a user with no history, expressed in ``space_version``
+    (the space the worker writes records in), so a pinned reader can compare spaces."""
+
     vector: npt.NDArray[np.float32]
     model_version: str
+    space_version: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.space_version:
+            object.__setattr__(self, "space_version", self.model_version)
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest) -> ColdStart:
+    def from_manifest(
+        cls,
+        manifest: Manifest,
+        space_version: str | None = None,
+        to_space: npt.NDArray[np.float32] | None = None,
+    ) -> ColdStart:
         vector = np.asarray(manifest.cold_start_embedding, dtype=np.float32)
-        return cls(vector=vector, model_version=manifest.version)
+        if to_space is not None:
+            vector = (vector @ to_space).astype(np.float32)
+        return cls(vector, manifest.version, space_version or manifest.version)
 
 
 class RegistryColdStart:
-    """Reads CURRENT's manifest, re-checking at most every ``recheck_s`` seconds.
+    """Follows CURRENT, re-checking at most every ``recheck_s`` seconds.
 
-    Only the small manifest is read (the API never loads the model). If the registry
-    becomes unreadable, the last good cold start keeps being served.
+    The API never runs the model: on a new version it verifies the artifact once and
+    maps the manifest's cold-start embedding into the version's served space (its
+    alignment chain), as the worker does for real embeddings. If the registry becomes
+    unreadable, the last good cold start keeps being served.
     """
 
     def __init__(self, root: Path, recheck_s: float = 5.0) -> None:
@@ -50,7 +73,9 @@ class RegistryColdStart:
         if version is None or (self._current and self._current.model_version == version):
             return
         try:
-            self._current = ColdStart.from_manifest(load_manifest(self._root, version))
-            log.info("event=cold_start_loaded version=%s", version)
-        except RegistryError as exc:
+            artifact = load_artifact(self._root, version)
+            space, to_space = served_space(self._root, artifact)
+            self._current = ColdStart.from_manifest(artifact.manifest, space, to_space)
+            log.info("event=cold_start_loaded version=%s space=%s", version, space)
+        except (RegistryError, ValueError, OSError) as exc:
             log.warning("event=cold_start_unreadable version=%s reason=%r", version, str(exc))

@@ -98,17 +98,28 @@ WORKER_READY = Gauge("userembed_worker_ready", "1 once the model is loaded and w
 # --- api ---------------------------------------------------------------------
 API_REQUEST_SECONDS = Histogram(
     "userembed_api_request_seconds",
-    "HTTP request latency by route and status",
-    ["route", "status"],
+    "Request latency by protocol (http, grpc), route (or gRPC method) and status",
+    ["protocol", "route", "status"],
     buckets=_LATENCY_BUCKETS,
 )
+API_IN_FLIGHT = Gauge("userembed_api_in_flight_requests", "Requests being answered (HTTP + gRPC)")
 API_SERVED = Counter(
     "userembed_api_embeddings_served_total", "Embeddings served, by status", ["status"]
+)
+API_SERVED_STALENESS = Histogram(
+    "userembed_api_served_staleness_seconds",
+    "Age of the stored embeddings served (cold starts excluded; a batch: 16 sampled answers)",
+    buckets=(1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 6 * 3600.0, 86400.0, 7 * 86400.0),
+)
+API_CACHE_REQUESTS = Counter(
+    "userembed_api_cache_requests_total", "Hot-user cache lookups (when enabled)", ["result"]
 )
 API_REFRESH_ENQUEUED = Counter(
     "userembed_api_refresh_enqueued_total", "Refreshes enqueued by the read path"
 )
 API_REFRESH_DROPPED = Counter(
-    "userembed_api_refresh_dropped_total", "Refresh requests dropped (pending set full)"
+    "userembed_api_refresh_dropped_total",
+    "Refresh requests dropped, by reason (full: pending set full, rate: over refresh_max_rate)",
+    ["reason"],
 )
 API_STORE_ERRORS = Counter("userembed_api_store_errors_total", "Store calls that failed")

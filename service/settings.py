@@ -105,6 +105,19 @@ class Settings(BaseSettings):
     api_events_max: int = Field(1000, ge=1, description="Max events per POST /v1/events")
     api_events_enabled: bool = Field(True, description="Serve POST /v1/events (to Kafka)")
     cold_start_404: bool = Field(False, description="404 instead of the cold-start embedding")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port of serve (0 = off)")
+    api_auth_ops: bool = Field(
+        False, description="Also require API keys on /healthz, /readyz, /metrics and gRPC health"
+    )
+    api_read_timeout_ms: int = Field(
+        1000, gt=0, description="Hard bound on a read's store call before answering 503"
+    )
+    api_retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503 answer")
+    refresh_max_rate: float = Field(
+        1000.0, gt=0, description="At most this many refresh enqueues per second (per process)"
+    )
+    hot_cache_ttl_ms: int = Field(0, ge=0, description="In-process hot-user cache TTL (0 = off)")
+    hot_cache_max_users: int = Field(100_000, ge=1, description="Hot-user cache capacity")
 
     # --- demo --------------------------------------------------------------
     demo_users: int = Field(10_000, ge=1)

@@ -157,7 +157,7 @@ def test_alert_rules_are_complete(rules: dict[str, Any]) -> None:
     for metric in (
         "userembed_worker_embedding_staleness_seconds_bucket",  # staleness
         "userembed_ingest_consumer_lag_messages",  # consumer lag
-        'status=~"5.."',  # 5xx rate
+        'status=~"5..|UNAVAILABLE',  # 5xx rate, gRPC server errors included
         "userembed_worker_oldest_dirty_age_seconds",  # queue age
     ):
         assert metric in covered, f"no alert on {metric}"

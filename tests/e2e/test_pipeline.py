@@ -50,7 +50,7 @@ def test_events_in_embedding_out(
     url = f"http://127.0.0.1:{port}/v1/users/alice/embedding"
     with (
         userembed("worker", env=env) as worker,
-        userembed("serve", "--port", str(port), env=env) as api,
+        userembed("serve", "--port", str(port), "--grpc-port", "0", env=env) as api,
     ):
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").is_success, 30, "readyz")
         before = httpx.get(url).json()

@@ -193,7 +193,7 @@ def test_hot_swap_under_load_loses_nothing_and_refuses_a_corrupted_version(
 
     with (
         userembed("worker", env=env) as worker,
-        userembed("serve", "--port", str(port), env=env) as api,
+        userembed("serve", "--port", str(port), "--grpc-port", "0", env=env) as api,
     ):
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz").is_success, 30, "readyz")
         load = run(scenario(worker))

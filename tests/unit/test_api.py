@@ -1,7 +1,12 @@
+"""The HTTP API in process (TestClient) on the embedded store: read semantics, encodings,
+pinning, errors, auth, request ids, metrics and event intake."""
+
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +23,7 @@ from service.store import MemoryStore
 from tests.helpers import BASE_TS
 
 COLD = ColdStart(np.full(4, 0.5, dtype=np.float32), "m1")
+VECTOR = np.array([0.0, 1.0, 2.0, -3.5], dtype=np.float16)
 
 
 class Clock:
@@ -51,8 +57,10 @@ def client(store: MemoryStore, clock: Clock) -> Iterator[TestClient]:
         yield c
 
 
-def put(client: TestClient, store: MemoryStore, user_id: str, computed_at: int) -> None:
-    record = EmbeddingRecord(np.arange(4, dtype=np.float16), "m1", "m1", computed_at, 3)
+def put(
+    client: TestClient, store: MemoryStore, user_id: str, computed_at: int, space: str = "m1"
+) -> None:
+    record = EmbeddingRecord(VECTOR, "m1", space, computed_at, 3)
     assert client.portal is not None
     client.portal.call(store.put_embeddings, {user_id: record})
 
@@ -69,13 +77,13 @@ def queued(client: TestClient, store: MemoryStore, timeout_s: float = 5.0) -> li
 
 
 def test_fresh_embedding_is_served_with_its_provenance(
-    client: TestClient, store: MemoryStore, clock: Clock
+    client: TestClient, store: MemoryStore
 ) -> None:
     put(client, store, "u1", BASE_TS - 1000)
-    body = client.get("/v1/users/u1/embedding").json()
-    assert body == {
+    response = client.get("/v1/users/u1/embedding")
+    assert response.json() == {
         "user_id": "u1",
-        "embedding": [0.0, 1.0, 2.0, 3.0],
+        "embedding": [0.0, 1.0, 2.0, -3.5],
         "dim": 4,
         "model_version": "m1",
         "space_version": "m1",
@@ -84,6 +92,7 @@ def test_fresh_embedding_is_served_with_its_provenance(
         "staleness_ms": 1000,
         "status": "fresh",
     }
+    assert response.headers["content-type"] == "application/json"
     assert queued(client, store, timeout_s=0.2) == []
 
 
@@ -128,14 +137,73 @@ def test_batch_get_keeps_request_order(client: TestClient, store: MemoryStore) -
 
 
 @pytest.mark.parametrize(
+    ("encoding", "dtype"), [("base64_float16", "<f2"), ("base64_float32", "<f4")]
+)
+def test_base64_encodings_carry_little_endian_floats(
+    client: TestClient, store: MemoryStore, encoding: str, dtype: str
+) -> None:
+    put(client, store, "u1", BASE_TS)
+    single = client.get(f"/v1/users/u1/embedding?encoding={encoding}").json()
+    batch = client.post(
+        "/v1/embeddings:batchGet", json={"user_ids": ["u1", "cold"], "encoding": encoding}
+    ).json()["embeddings"]
+    for body in (single, batch[0]):
+        vector = np.frombuffer(base64.b64decode(body["embedding"]), dtype=dtype)
+        assert vector.tolist() == VECTOR.astype(np.float32).tolist()
+        assert body["dim"] == 4
+    cold = np.frombuffer(base64.b64decode(batch[1]["embedding"]), dtype=dtype)
+    assert cold.tolist() == [0.5] * 4
+
+
+def test_pinned_space_is_served_or_refused_clearly(client: TestClient, store: MemoryStore) -> None:
+    put(client, store, "old", BASE_TS, space="m0")
+    put(client, store, "new", BASE_TS, space="m1")
+    ok = client.get("/v1/users/new/embedding?model_version=m1")
+    mismatch = client.get("/v1/users/old/embedding?model_version=m1")
+    cold_ok = client.get("/v1/users/nobody/embedding?model_version=m1")
+    cold_other = client.get("/v1/users/nobody/embedding?model_version=m0")
+    assert ok.status_code == 200 and ok.json()["space_version"] == "m1"
+    assert mismatch.status_code == 409
+    assert mismatch.json()["error"] == {
+        "code": "version_mismatch",
+        "message": "the embedding of 'old' is in space 'm0' (model 'm1'), not the requested 'm1'",
+    }
+    assert cold_ok.status_code == 200 and cold_ok.json()["status"] == "cold_start"
+    assert cold_other.status_code == 404
+    assert "no embedding of 'nobody' in space 'm0'" in cold_other.json()["error"]["message"]
+
+    batch = client.post(
+        "/v1/embeddings:batchGet",
+        json={"user_ids": ["new", "old", "nobody"], "model_version": "m0"},
+    ).json()["embeddings"]
+    assert [(a["status"], a["embedding"] is None) for a in batch] == [
+        ("version_mismatch", True),
+        ("fresh", False),
+        ("not_found", True),
+    ]
+    assert batch[0]["space_version"] == "m1"  # what is there instead
+
+
+@pytest.mark.parametrize(
     ("method", "path", "body", "code", "reason"),
     [
         ("GET", "/v1/users/a%20b/embedding", None, "invalid_user_id", "invalid user_id 'a b'"),
         ("GET", f"/v1/users/{'x' * 129}/embedding", None, "invalid_user_id", "1..128 chars"),
+        ("GET", "/v1/users/a%2Fb/embedding", None, "invalid_user_id", "invalid user_id 'a/b'"),
+        ("GET", "/v1/users//embedding", None, "invalid_user_id", "1..128 chars"),
+        ("GET", "/v1/users/u1/embedding?encoding=xml", None, "invalid_encoding", "'xml'"),
+        ("GET", "/v1/users/u1/embedding?model_version=a%20b", None, "invalid_model_version", ""),
         ("POST", "/v1/embeddings:batchGet", {"user_ids": ["ok", "no/pe"]}, "invalid_user_id", ""),
         ("POST", "/v1/embeddings:batchGet", {"user_ids": "u1"}, "invalid_request", "user_ids"),
-        ("POST", "/v1/embeddings:batchGet", {}, "invalid_request", "body.user_ids: Field required"),
-        ("POST", "/v1/embeddings:batchGet", {"user_ids": [1]}, "invalid_request", "valid string"),
+        ("POST", "/v1/embeddings:batchGet", {}, "invalid_request", "missing required field"),
+        ("POST", "/v1/embeddings:batchGet", {"user_ids": [1]}, "invalid_request", "$.user_ids[0]"),
+        (
+            "POST",
+            "/v1/embeddings:batchGet",
+            {"user_ids": ["u1"], "encoding": "f64"},
+            "invalid_encoding",
+            "use one of json, base64_float16, base64_float32",
+        ),
     ],
 )
 def test_bad_requests_get_400_with_a_reason(
@@ -147,14 +215,28 @@ def test_bad_requests_get_400_with_a_reason(
     assert error["code"] == code and reason in error["message"]
 
 
+def test_malformed_json_and_wrong_methods(client: TestClient) -> None:
+    not_json = client.post("/v1/embeddings:batchGet", content=b"{")
+    wrong_method = client.post("/v1/users/u1/embedding")
+    unknown = client.get("/v2/nothing")
+    assert (not_json.status_code, not_json.json()["error"]["code"]) == (400, "invalid_request")
+    assert (wrong_method.status_code, wrong_method.json()["error"]["code"]) == (
+        405,
+        "method_not_allowed",
+    )
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "not_found")
+
+
 def test_oversized_batches_are_refused(store: MemoryStore, clock: Clock) -> None:
     with client_for(store, clock, batch_get_max_ids=3) as c:
         response = c.post("/v1/embeddings:batchGet", json={"user_ids": ["a", "b", "c", "d"]})
+        huge = c.post("/v1/embeddings:batchGet", content=b" " * (2 << 20))
     assert response.status_code == 400
     assert response.json()["error"] == {
         "code": "batch_too_large",
         "message": "4 user_ids requested; at most 3 per call",
     }
+    assert huge.status_code == 413
 
 
 def test_cold_start_404_mode(store: MemoryStore, clock: Clock) -> None:
@@ -172,25 +254,59 @@ def test_api_keys_are_required_when_configured(store: MemoryStore, clock: Clock)
         wrong = c.get("/v1/users/u1/embedding", headers={"Authorization": "Bearer nope"})
         basic = c.get("/v1/users/u1/embedding", headers={"Authorization": "Basic k2"})
         good = c.get("/v1/users/u1/embedding", headers={"Authorization": "Bearer k2"})
-        health = c.get("/healthz")
-    assert [r.status_code for r in (missing, wrong, basic, good, health)] == [
+        batch = c.post("/v1/embeddings:batchGet", json={"user_ids": ["u1"]})
+        events = c.post("/v1/events", json=[])
+        open_paths = [c.get(p).status_code for p in ("/healthz", "/readyz", "/metrics")]
+    assert [r.status_code for r in (missing, wrong, basic, good, batch, events)] == [
         401,
         401,
         401,
         200,
-        200,
+        401,
+        401,
     ]
+    assert open_paths == [200, 200, 200]
     assert missing.headers["www-authenticate"] == "Bearer"
     assert missing.json()["error"]["code"] == "unauthenticated"
 
 
-def test_api_keys_from_a_file(tmp_path: Any, store: MemoryStore, clock: Clock) -> None:
+def test_ops_endpoints_can_require_keys_too(store: MemoryStore, clock: Clock) -> None:
+    with client_for(store, clock, api_keys=["k1"], api_auth_ops=True) as c:
+        closed = [c.get(p).status_code for p in ("/healthz", "/readyz", "/metrics")]
+        allowed = c.get("/metrics", headers={"Authorization": "Bearer k1"})
+        docs = c.get("/openapi.json")
+    assert closed == [401, 401, 401]
+    assert allowed.status_code == 200 and docs.status_code == 200
+
+
+def test_api_keys_from_a_file(tmp_path: Path, store: MemoryStore, clock: Clock) -> None:
     keys = tmp_path / "keys"
     keys.write_text("\nsecret-1\n  secret-2  \n")
     with client_for(store, clock, api_keys_file=keys) as c:
         ok = c.get("/v1/users/u1/embedding", headers={"Authorization": "Bearer secret-2"})
         no = c.get("/v1/users/u1/embedding")
     assert (ok.status_code, no.status_code) == (200, 401)
+
+
+def test_request_ids_are_echoed_or_made(client: TestClient) -> None:
+    given = client.get("/v1/users/u1/embedding", headers={"X-Request-ID": "rank-42"})
+    made = client.get("/v1/users/u1/embedding")
+    made_again = client.get("/healthz")
+    insane = client.get("/healthz", headers={"X-Request-ID": "a b"})
+    assert given.headers["x-request-id"] == "rank-42"
+    assert made.headers["x-request-id"] != made_again.headers["x-request-id"]
+    assert insane.headers["x-request-id"] != "a b"
+
+
+def test_request_id_appears_in_failure_logs(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("DEBUG", logger="service.api"):
+        client.get("/v1/users/a%20b/embedding", headers={"X-Request-ID": "trace-7"})
+    assert any(
+        "request_id=trace-7" in r.getMessage() and "invalid_user_id" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_readiness_needs_a_model(store: MemoryStore, clock: Clock) -> None:
@@ -204,8 +320,32 @@ def test_readiness_needs_a_model(store: MemoryStore, clock: Clock) -> None:
 def test_metrics_are_exposed(client: TestClient) -> None:
     client.get("/v1/users/u1/embedding")
     text = client.get("/metrics").text
-    assert 'userembed_api_request_seconds_count{route="/v1/users/{user_id}/embedding"' in text
-    assert "userembed_api_embeddings_served_total" in text
+    assert (
+        'userembed_api_request_seconds_count{protocol="http",'
+        'route="/v1/users/{user_id}/embedding",status="200"}' in text
+    )
+    for name in (
+        "userembed_api_embeddings_served_total",
+        "userembed_api_in_flight_requests",
+        "userembed_api_served_staleness_seconds_bucket",
+        "userembed_api_refresh_enqueued_total",
+        "userembed_api_store_errors_total",
+        "userembed_api_cache_requests_total",
+    ):
+        assert name in text, name
+
+
+def test_openapi_documents_the_read_routes(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    get = schema["paths"]["/v1/users/{user_id}/embedding"]["get"]
+    batch = schema["paths"]["/v1/embeddings:batchGet"]["post"]
+    assert {p["name"] for p in get["parameters"]} == {"user_id", "encoding", "model_version"}
+    assert set(get["responses"]) == {"200", "400", "401", "404", "409", "503"}
+    assert batch["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/BatchGetRequest"
+    )
+    request = schema["components"]["schemas"]["BatchGetRequest"]
+    assert request["properties"]["user_ids"]["maxItems"] == 1000
 
 
 async def test_refresh_requester_coalesces_and_bounds(store: MemoryStore) -> None:
@@ -218,6 +358,20 @@ async def test_refresh_requester_coalesces_and_bounds(store: MemoryStore) -> Non
     assert requester.request(["a"]) == 1
     assert await requester.flush() == 1
     assert await store.pop_dirty(10) == [("a", BASE_TS), ("b", BASE_TS)]
+
+
+async def test_refresh_requester_never_exceeds_its_rate(store: MemoryStore) -> None:
+    clock = Clock()
+    requester = RefreshRequester(store, coalesce_ms=60_000, max_rate=10, clock=clock)
+    assert requester.request(f"u{i}" for i in range(25)) == 10  # one second's worth
+    assert requester.request(["u20"]) == 0  # still no tokens
+    clock.now += 500
+    assert requester.request(f"u{i}" for i in range(10, 25)) == 5  # half a second refills 5
+    clock.now += 60_000
+    # the users turned away were not remembered, so they are requested once tokens return
+    assert requester.request(["u24"]) == 1
+    await requester.flush()
+    assert len(await store.pop_dirty(100)) == 16
 
 
 def event_body(**overrides: Any) -> dict[str, Any]:
