@@ -2,7 +2,8 @@
 
 On CUDA the session runs the fp16 variant of the graph (converted at load time,
 inputs and outputs kept float32) and binds inputs and outputs through I/O binding;
-on the CPU it runs the fp32 graph with one intra-op thread per usable core.
+on the CPU it runs the fp32 graph with one intra-op thread per usable core but one
+(the worker's fetch and write stages overlap inference on that core).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class OnnxModelRuntime:
 
     ``precision``: auto = fp16 on CUDA, fp32 on the CPU; fp16 runs ``fp16_model`` when
     given, else the graph converted at load time. ``io_binding``: None = on with CUDA.
-    ``intra_op_threads``: 0 = usable cores on the CPU, 1 on CUDA.
+    ``intra_op_threads``: 0 = usable cores minus one on the CPU, 1 on CUDA.
     """
 
     def __init__(
@@ -103,7 +104,9 @@ class OnnxModelRuntime:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = intra_op_threads or (1 if on_cuda else usable_cores())
+        # On the CPU one core is left to the worker's overlapped fetch and write stages.
+        cpu_threads = max(1, usable_cores() - 1)
+        options.intra_op_num_threads = intra_op_threads or (1 if on_cuda else cpu_threads)
         options.inter_op_num_threads = 1
         self._session = ort.InferenceSession(graph, sess_options=options, providers=providers)
         self._version = version

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
         "auto", description="auto = fp16 on CUDA, fp32 on the CPU"
     )
     worker_intra_op_threads: int = Field(
-        0, ge=0, description="ONNX Runtime threads (0 = usable cores on CPU, 1 on CUDA)"
+        0, ge=0, description="ONNX Runtime threads (0 = usable cores - 1 on CPU, 1 on CUDA)"
     )
     worker_model_poll_s: float = Field(
         5.0, gt=0, description="How often the worker checks the registry for a new version"
