@@ -23,7 +23,6 @@ import msgspec
 import redis
 
 from service.clock import now_ms
-from service.embeddings import EmbeddingRecord
 from service.events import Event, SourcedEvent, decode_event, encode_event
 from service.features import FeatureState, hash_id
 from service.ingest import FeatureUpdater, run_ingest
@@ -31,7 +30,7 @@ from service.kafka import KafkaEventSink, KafkaEventSource
 from service.kafka_mock import mock_kafka_cluster
 from service.redis_server import private_redis
 from service.settings import Settings
-from service.store import DirtyStats, RedisStore, Store
+from service.store import RedisStore
 from service.synthetic import SyntheticTraffic
 
 
@@ -45,17 +44,17 @@ class IngestBenchConfig:
     kafka_bootstrap: str | None = None
 
 
-class TimedStore:
-    """Store decorator that accumulates the time spent in feature I/O."""
+class TimedRedisStore(RedisStore):
+    """RedisStore that accumulates the time spent in feature I/O."""
 
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
+    def __init__(self, url: str, timeout_ms: int) -> None:
+        super().__init__(url, timeout_ms)
         self.io_s = 0.0
 
     async def get_features(self, user_ids: Sequence[str]) -> list[FeatureState | None]:
         started = time.perf_counter()
         try:
-            return await self.inner.get_features(user_ids)
+            return await super().get_features(user_ids)
         finally:
             self.io_s += time.perf_counter() - started
 
@@ -67,49 +66,9 @@ class TimedStore:
     ) -> list[str]:
         started = time.perf_counter()
         try:
-            return await self.inner.put_features(states, dirty_at_ms, expected_versions)
+            return await super().put_features(states, dirty_at_ms, expected_versions)
         finally:
             self.io_s += time.perf_counter() - started
-
-    async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
-        return await self.inner.get_embeddings(user_ids)
-
-    async def put_embeddings(self, records: Mapping[str, EmbeddingRecord]) -> None:
-        await self.inner.put_embeddings(records)
-
-    async def mark_dirty(self, dirty_at_ms: Mapping[str, int]) -> None:
-        await self.inner.mark_dirty(dirty_at_ms)
-
-    async def pop_dirty(self, limit: int) -> list[tuple[str, int]]:
-        return await self.inner.pop_dirty(limit)
-
-    async def claim_dirty(
-        self, limit: int, *, token: str, now_ms: int, lease_ms: int
-    ) -> list[tuple[str, int]]:
-        return await self.inner.claim_dirty(limit, token=token, now_ms=now_ms, lease_ms=lease_ms)
-
-    async def release_claim(
-        self, token: str, user_ids: Sequence[str], requeue: Mapping[str, int] | None = None
-    ) -> None:
-        await self.inner.release_claim(token, user_ids, requeue)
-
-    async def active_users(self, start: int, count: int) -> list[str]:
-        return await self.inner.active_users(start, count)
-
-    async def trim_active(self, keep: int) -> None:
-        await self.inner.trim_active(keep)
-
-    async def claim_job(self, name: str, ttl_ms: int) -> bool:
-        return await self.inner.claim_job(name, ttl_ms)
-
-    async def dirty_stats(self) -> DirtyStats:
-        return await self.inner.dirty_stats()
-
-    async def ping(self) -> None:
-        await self.inner.ping()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 def _flush(redis_url: str) -> None:
@@ -119,7 +78,7 @@ def _flush(redis_url: str) -> None:
 
 
 async def _from_memory(messages: list[bytes], redis_url: str, batch: int) -> dict[str, float]:
-    store = TimedStore(RedisStore(redis_url, timeout_ms=5000))
+    store = TimedRedisStore(redis_url, timeout_ms=5000)
     updater = FeatureUpdater(store, history_length=50)
     decode_s = apply_s = 0.0
     for start in range(0, len(messages), batch):

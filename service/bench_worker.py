@@ -22,6 +22,7 @@ import redis
 from prometheus_client import REGISTRY
 
 from service.clock import now_ms
+from service.events import SourcedEvent
 from service.features import FeatureState, apply_events
 from service.redis_server import private_redis
 from service.runtime import Precision
@@ -75,8 +76,6 @@ def _stage_ms(before: dict[str, tuple[float, float]]) -> dict[str, float]:
 
 def synthetic_states(users: int, events_per_user: int) -> dict[str, FeatureState]:
     """Feature states of ``users`` synthetic users, built with the ingest code path."""
-    from service.events import SourcedEvent
-
     events = SyntheticTraffic(users, seed=5).events(users * events_per_user, now_ms())
     by_user: dict[str, list[SourcedEvent]] = defaultdict(list)
     for offset, event in enumerate(events):
@@ -187,6 +186,6 @@ def run_worker_bench(config: WorkerBenchConfig) -> list[WorkerBenchRow]:
     print_rows(
         rows,
         f"worker benchmark: model {model.version} on {model.runtime.provider} "
-        f"({model.precision}), {config.users:,} users, real Redis",
+        f"({model.runtime.precision}), {config.users:,} users, real Redis",
     )
     return rows

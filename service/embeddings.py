@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +46,11 @@ class EmbeddingRecord:
         return max(0, now_ms - self.computed_at_ms)
 
 
+def packed_vector(vector: npt.NDArray[np.floating], dtype: EmbeddingDtype) -> bytes:
+    """``vector`` as little-endian ``dtype`` bytes (the stored and the transported form)."""
+    return bytes(vector.astype(_LITTLE_ENDIAN[dtype], copy=False).tobytes())
+
+
 def encode_embedding(record: EmbeddingRecord) -> bytes:
     """Versioned binary record: header, two short version strings, then the vector."""
     dtype = str(record.vector.dtype)
@@ -65,8 +70,8 @@ def encode_embedding(record: EmbeddingRecord) -> bytes:
         len(model),
         len(space),
     )
-    vector = record.vector.astype(_LITTLE_ENDIAN[dtype], copy=False)
-    return b"".join((header, model, space, vector.tobytes()))
+    vector = packed_vector(record.vector, cast(EmbeddingDtype, dtype))  # checked above
+    return b"".join((header, model, space, vector))
 
 
 def decode_embedding(data: bytes) -> EmbeddingRecord:

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.embeddings import EmbeddingDtype
 from service.frontend import REQUEST_ID, KeyChecker, RouteLatency, new_request_id
 from service.metrics import API_IN_FLIGHT
 from service.proto.userembed.v1 import embeddings_pb2 as pb
@@ -50,7 +51,7 @@ _STATUS: Final = {
     "not_found": pb.STATUS_NOT_FOUND,
     "version_mismatch": pb.STATUS_VERSION_MISMATCH,
 }
-_DTYPE: Final = {
+_DTYPE: Final[dict[int, EmbeddingDtype]] = {
     pb.ENCODING_UNSPECIFIED: "float32",
     pb.ENCODING_FLOAT32: "float32",
     pb.ENCODING_FLOAT16: "float16",
@@ -60,14 +61,14 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-def _dtype(encoding: pb.Encoding) -> Any:
+def _dtype(encoding: pb.Encoding) -> EmbeddingDtype:
     dtype = _DTYPE.get(encoding)
     if dtype is None:
         raise ReadError("invalid_encoding", f"unknown encoding {encoding}: use FLOAT32 or FLOAT16")
     return dtype
 
 
-def to_message(answer: Answer, encoding: pb.Encoding, dtype: Any) -> pb.Embedding:
+def to_message(answer: Answer, encoding: pb.Encoding, dtype: EmbeddingDtype) -> pb.Embedding:
     message = pb.Embedding(
         user_id=answer.user_id,
         status=_STATUS[answer.status],

@@ -23,7 +23,7 @@ import numpy.typing as npt
 from models.registry import RegistryError, check_version_name
 from service.clock import Clock, now_ms
 from service.cold_start import ColdStart
-from service.embeddings import EmbeddingRecord
+from service.embeddings import EmbeddingDtype, EmbeddingRecord, packed_vector
 from service.events import user_id_problem
 from service.hot_cache import HotCache
 from service.metrics import API_SERVED, API_SERVED_STALENESS, API_STORE_ERRORS
@@ -41,10 +41,6 @@ ColdStartSource = Callable[[], ColdStart | None]
 
 _SERVED: Final = {status: API_SERVED.labels(status) for status in get_args(Status)}
 _STALENESS_SAMPLE: Final = 16
-_LITTLE_ENDIAN: Final[dict[str, np.dtype[np.floating]]] = {
-    "float16": np.dtype("<f2"),
-    "float32": np.dtype("<f4"),
-}
 
 
 class ReadError(Exception):
@@ -73,11 +69,9 @@ class Answer:
     def dim(self) -> int | None:
         return None if self.vector is None else int(self.vector.shape[0])
 
-    def packed(self, dtype: Literal["float16", "float32"]) -> bytes:
+    def packed(self, dtype: EmbeddingDtype) -> bytes:
         """The vector as little-endian bytes (empty when there is none)."""
-        if self.vector is None:
-            return b""
-        return bytes(self.vector.astype(_LITTLE_ENDIAN[dtype], copy=False).tobytes())
+        return b"" if self.vector is None else packed_vector(self.vector, dtype)
 
     def encoded(self, encoding: Encoding) -> npt.NDArray[np.float32] | str | None:
         """The vector for a JSON body: a float32 array (orjson writes it as numbers), or
@@ -86,9 +80,7 @@ class Answer:
             return None
         if encoding == "json":
             return self.vector.astype(np.float32, copy=False)
-        dtype: Literal["float16", "float32"] = (
-            "float16" if encoding == "base64_float16" else "float32"
-        )
+        dtype: EmbeddingDtype = "float16" if encoding == "base64_float16" else "float32"
         return binascii.b2a_base64(self.packed(dtype), newline=False).decode("ascii")
 
 

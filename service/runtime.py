@@ -41,6 +41,10 @@ class ModelRuntime(Protocol):
         """The execution provider actually in use (e.g. CUDAExecutionProvider)."""
 
     @property
+    def precision(self) -> str:
+        """fp32 or fp16: the graph actually running."""
+
+    @property
     def output_dim(self) -> int: ...
 
     @property

@@ -34,10 +34,6 @@ class ServingModel:
     def version(self) -> str:
         return self.runtime.version
 
-    @property
-    def precision(self) -> str:
-        return str(getattr(self.runtime, "precision", "fp32"))
-
     def embed(self, tensors: Tensors) -> npt.NDArray[np.float32]:
         """[batch, d] float32 embeddings, expressed in ``space_version``."""
         vectors = self.runtime.infer(tensors)
@@ -85,6 +81,6 @@ def load_serving_model(
         model.version,
         model.space_version,
         runtime.provider,
-        model.precision,
+        runtime.precision,
     )
     return model

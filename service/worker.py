@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -135,7 +135,12 @@ class EmbeddingWorker:
 
     @staticmethod
     def _export_model_info(model: ServingModel, value: int) -> None:
-        labels = (model.version, model.space_version, model.runtime.provider, model.precision)
+        labels = (
+            model.version,
+            model.space_version,
+            model.runtime.provider,
+            model.runtime.precision,
+        )
         WORKER_MODEL.labels(*labels).set(value)
 
     # --- stages -------------------------------------------------------------
@@ -288,51 +293,54 @@ class EmbeddingWorker:
         idle = self._config.idle_sleep_ms / 1e3
         backoff = idle
         while not stop.is_set():
-            claimed: dict[str, int] = {}
             try:
                 await self._observe_now_and_then()
                 claimed = await self._claim()
-                if claimed:
-                    await out.put(await self._fetch(claimed))
-                backoff = idle
-            except asyncio.CancelledError:
-                await self._requeue(claimed)
-                raise
             except Exception:
-                log.exception("event=worker_fetch_failed retry_in_s=%.3f", backoff)
-                await self._requeue(claimed)
-                backoff = min(backoff * 2, 2.0)
-                claimed = {}
-            if not claimed:
+                log.exception("event=worker_claim_failed retry_in_s=%.3f", backoff)
+                claimed, failed = {}, True
+            else:  # the fetch coroutine is only created for a non-empty batch
+                failed = bool(claimed) and not await self._guarded(
+                    "fetch", claimed, self._fetch_to(out, claimed)
+                )
+            if failed:
                 await sleep_unless_stopped(stop, backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = idle
+            if not claimed:
+                await sleep_unless_stopped(stop, idle)
         await out.put(None)  # end of stream
+
+    async def _fetch_to(self, out: asyncio.Queue[_Batch | None], claimed: dict[str, int]) -> None:
+        await out.put(await self._fetch(claimed))
 
     async def _compute_loop(
         self, inbox: asyncio.Queue[_Batch | None], out: asyncio.Queue[_Batch | None]
     ) -> None:
         while (batch := await inbox.get()) is not None:
-            try:
-                await asyncio.to_thread(self._compute, batch)
-            except asyncio.CancelledError:
-                await self._requeue(batch.claimed)
-                raise
-            except Exception:
-                log.exception("event=worker_infer_failed users=%d", len(batch.claimed))
-                await self._requeue(batch.claimed)
-                continue
-            await out.put(batch)
+            computed = asyncio.to_thread(self._compute, batch)
+            if await self._guarded("infer", batch.claimed, computed):
+                await out.put(batch)
         await out.put(None)  # end of stream
 
     async def _write_loop(self, inbox: asyncio.Queue[_Batch | None]) -> None:
         while (batch := await inbox.get()) is not None:
-            try:
-                await self._write(batch)
-            except asyncio.CancelledError:
-                await self._requeue(batch.claimed)
-                raise
-            except Exception:
-                log.exception("event=worker_write_failed users=%d", len(batch.claimed))
-                await self._requeue(batch.claimed)
+            await self._guarded("write", batch.claimed, self._write(batch))
+
+    async def _guarded(self, stage: str, claimed: dict[str, int], step: Awaitable[object]) -> bool:
+        """Await one stage of a batch; if it fails (or is cancelled) the batch goes back
+        to the queue. Returns whether it succeeded."""
+        try:
+            await step
+        except asyncio.CancelledError:
+            await self._requeue(claimed)
+            raise
+        except Exception:
+            log.exception("event=worker_%s_failed users=%d", stage, len(claimed))
+            await self._requeue(claimed)
+            return False
+        return True
 
     async def _observe_now_and_then(self) -> None:
         if time.monotonic() - self._last_observed > 1.0:

@@ -146,7 +146,7 @@ async def sample_states(redis_url: str, users: list[str]) -> list[FeatureState]:
         await store.close()
 
 
-def log_has(role: Role, text: str) -> bool:
+async def has_logged(role: Role, text: str) -> bool:
     return text in role.output()
 
 
@@ -180,10 +180,10 @@ def test_hot_swap_under_load_loses_nothing_and_refuses_a_corrupted_version(
                 parent_version="standin-1",
                 alignment_states=states,
             )
-            await until(lambda: _true(log_has(worker, "event=model_swapped")), "the swap")
+            await until(lambda: has_logged(worker, "event=model_swapped"), "the swap")
             corrupted = publish_standin(registry, version="standin-3", history_length=20, seed=3)
             corrupted.model_path.write_bytes(b"not an onnx model")
-            await until(lambda: _true(log_has(worker, "event=model_refused")), "the refusal")
+            await until(lambda: has_logged(worker, "event=model_refused"), "the refusal")
             await asyncio.sleep(0.5)  # keep the load on a little after the refusal
         finally:
             load.stop.set()
@@ -207,10 +207,6 @@ def test_hot_swap_under_load_loses_nothing_and_refuses_a_corrupted_version(
     records = run(_records(clean_redis, users))
     served_in = {(r.model_version, r.space_version) for r in records if r is not None}
     assert served_in == {("standin-2", "standin-1")} and None not in records
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def _records(redis_url: str, users: list[str]) -> list[EmbeddingRecord | None]:

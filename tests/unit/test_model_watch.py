@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from functools import partial
 from pathlib import Path
 
 import httpx
@@ -14,7 +13,7 @@ from models.registry import ModelArtifact, install
 from models.standin import publish_standin
 from service.embeddings import EmbeddingRecord
 from service.features import FeatureState
-from service.model_watch import ModelWatcher, reembed_active
+from service.model_watch import ModelLoader, ModelWatcher, reembed_active
 from service.ops_server import serve_ops
 from service.redis_server import free_port
 from service.serving_model import ServingModel, load_serving_model
@@ -29,14 +28,14 @@ def refused_total() -> float:
     return value or 0.0
 
 
-def counting_loader(root: Path) -> tuple[list[str], partial[ServingModel]]:
+def counting_loader(root: Path) -> tuple[list[str], ModelLoader]:
     calls: list[str] = []
 
     def load(version: str) -> ServingModel:
         calls.append(version)
         return load_serving_model(root, version)
 
-    return calls, partial(load)
+    return calls, load
 
 
 async def test_a_corrupted_version_is_refused_once_and_a_good_one_swapped_in(

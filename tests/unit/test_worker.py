@@ -79,7 +79,7 @@ async def test_users_without_features_are_skipped(runtime: OnnxModelRuntime) -> 
 class FailingRuntime:
     """A runtime whose device fails: the batch must go back to the queue."""
 
-    version, provider, output_dim = "broken", "CPUExecutionProvider", 8
+    version, provider, precision, output_dim = "broken", "CPUExecutionProvider", "fp32", 8
     schema = InputSchema(history_length=20)
 
     def infer(self, inputs: Tensors) -> np.ndarray:
