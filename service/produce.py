@@ -34,14 +34,18 @@ def run_producer(settings: Settings, config: ProduceConfig) -> tuple[int, int]:
     traffic = SyntheticTraffic(config.users, config.seed)
     rng = np.random.default_rng(config.seed + 1)
     sent = malformed = 0
-    started = last_report = time.monotonic()
+    started = last_report = last_tick = time.monotonic()
     owed = 0.0
     try:
         while (config.count is None or sent < config.count) and (
             config.duration_s is None or time.monotonic() - started < config.duration_s
         ):
             time.sleep(0.01)
-            owed += config.rate * 0.01
+            # owe what the elapsed time is worth, not what the sleep asked for: a slow
+            # step (generation, a busy core) must not lower the rate
+            now = time.monotonic()
+            owed += config.rate * (now - last_tick)
+            last_tick = now
             n = int(owed) if config.count is None else min(int(owed), config.count - sent)
             owed -= n
             for event in traffic.events(n, now_ms()):

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
         default_factory=dict, description="Extra librdkafka properties (JSON object)"
     )
     ingest_batch_max_events: int = Field(5000, ge=1, description="Max messages per batch")
-    ingest_batch_max_wait_ms: int = Field(100, ge=1, description="Max wait to fill a batch")
+    ingest_batch_max_wait_ms: int = Field(10, ge=1, description="Max wait to fill a batch")
     ingest_max_backoff_s: float = Field(5.0, gt=0, description="Cap on retry backoff")
 
     # --- metrics -----------------------------------------------------------
