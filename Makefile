@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck validate-deploy bench-read proto load default-model clean venv
+.PHONY: demo test lint typecheck validate-deploy bench-read proto load default-model report report-quick clean venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,14 @@ LOAD_DURATION ?= 60s
 LOAD_CLIENTS  ?= 32
 load: $(STAMP)
 	LOCUST=$(BIN)/locust loadtests/run.sh $(LOAD_HOST) $(LOAD_DURATION) $(LOAD_CLIENTS) var/loadtest
+
+## The evaluation report: the whole pipeline on the synthetic world -> docs/report.md (~15 min on 2 cores).
+report: $(STAMP)
+	$(BIN)/userembed evaluate
+
+## The same report at a smaller size (a few minutes), written to var/report-quick.
+report-quick: $(STAMP)
+	$(BIN)/userembed evaluate --quick --out var/report-quick
 
 ## Re-train the committed default model of the demo (models/artifacts, ~75 s on 2 cores).
 default-model: $(STAMP)

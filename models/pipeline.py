@@ -49,10 +49,12 @@ def latest_per_user(examples: Examples, limit: int | None = None) -> npt.NDArray
     return rows if limit is None else rows[-limit:]
 
 
-def run_training(config: RunConfig) -> TrainingRun:
-    """Train, evaluate on the held-out future, export with parity, compute the cold start."""
+def run_training(config: RunConfig, data: Dataset | None = None) -> TrainingRun:
+    """Train, evaluate on the held-out future, export with parity, compute the cold start.
+
+    ``data``: an already loaded ``config.data`` (several trainings on the same examples)."""
     start = time.perf_counter()
-    data = load_dataset(config.data)
+    data = data or load_dataset(config.data)
     log.info(
         "event=dataset source=%s train=%d valid=%d test=%d",
         data.source,

@@ -35,6 +35,7 @@ import uvloop
 from service.clock import now_ms
 from service.embeddings import EmbeddingRecord
 from service.proto.userembed.v1 import embeddings_pb2 as pb
+from service.provenance import commit_id
 from service.redis_server import free_port, private_redis, stop_process
 from service.store import RedisStore
 
@@ -43,8 +44,8 @@ DRAWS_PER_TASK = 4096  # requests prepared up front per task (cycled), so the lo
 BATCH_DRAWS_PER_TASK = 256
 Request = Callable[[Any], Awaitable[bool]]
 _ROW = "{:<17} {:>4} {:>9} {:>7} {:>9} {:>8} {:>8} {:>9}"
-_GET_METHOD = "/userembed.v1.Embeddings/GetEmbedding"
-_BATCH_METHOD = "/userembed.v1.Embeddings/BatchGetEmbeddings"
+GET_METHOD = "/userembed.v1.Embeddings/GetEmbedding"
+BATCH_METHOD = "/userembed.v1.Embeddings/BatchGetEmbeddings"
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +167,7 @@ def _get_json(port: int, path: str) -> tuple[int, dict[str, Any]]:
         conn.close()
 
 
-class _KeepAliveHttp:
+class KeepAliveHttp:
     """The least an HTTP/1.1 client can do: one persistent connection, Content-Length bodies."""
 
     def __init__(self, port: int) -> None:
@@ -183,7 +184,8 @@ class _KeepAliveHttp:
         """POST a prepared batchGet request (see :func:`batch_request`)."""
         return await self._exchange(request)
 
-    async def _exchange(self, request: bytes) -> bool:
+    async def fetch(self, request: bytes) -> tuple[int, bytes] | None:
+        """Send a prepared request; its (status, body), or None on a broken connection."""
         try:
             if self._streams is None:
                 self._streams = await asyncio.open_connection("127.0.0.1", self._port)
@@ -193,14 +195,18 @@ class _KeepAliveHttp:
             head = (await reader.readuntil(b"\r\n\r\n")).lower().split(b"\r\n")
             fields = {k.strip(): v.strip() for k, v in (h.split(b":", 1) for h in head[1:-2])}
             # KeyError: no Content-Length; this client does not read chunked bodies
-            await reader.readexactly(int(fields[b"content-length"]))
-            ok = head[0].split(b" ", 2)[1] == b"200"
+            body = await reader.readexactly(int(fields[b"content-length"]))
+            status = int(head[0].split(b" ", 2)[1])
         except (OSError, ValueError, LookupError, asyncio.IncompleteReadError):
             await self.close()
-            return False
+            return None
         if fields.get(b"connection") == b"close":
             await self.close()
-        return ok
+        return status, body
+
+    async def _exchange(self, request: bytes) -> bool:
+        answer = await self.fetch(request)
+        return answer is not None and answer[0] == 200
 
     async def close(self) -> None:
         if self._streams is not None:
@@ -220,7 +226,7 @@ def batch_request(user_ids: Sequence[str], encoding: str = "json") -> bytes:
     return head + body
 
 
-def _grpc_call(channel: grpc.aio.Channel, method: str, response: Any) -> Request:
+def grpc_call(channel: grpc.aio.Channel, method: str, response: Any) -> Request:
     """A unary call on ``channel`` taking a prepared request message; False on any error."""
     call = channel.unary_unary(
         method,
@@ -287,19 +293,19 @@ async def _single_rows(
     ports: _Ports, redis_url: str, c: int, ids: Sequence[Sequence[str]], duration_s: float
 ) -> list[BenchRow]:
     draws = [list(row) for row in ids]
-    http = [_KeepAliveHttp(ports.http) for _ in range(c)]
+    http = [KeepAliveHttp(ports.http) for _ in range(c)]
     try:
         api = await _measure("api-http", [h.get_embedding for h in http], draws, duration_s)
     finally:
         await asyncio.gather(*(h.close() for h in http))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
-        get = _grpc_call(channel, _GET_METHOD, pb.Embedding)
+        get = grpc_call(channel, GET_METHOD, pb.Embedding)
         messages = [[pb.GetEmbeddingRequest(user_id=u) for u in row] for row in draws]
         rpc = await _measure("api-grpc", [get] * c, messages, duration_s)
     client = aioredis.Redis.from_url(redis_url, max_connections=c)
     try:
         keys = [[f"ue:{u}" for u in row] for row in draws]
-        base = await _measure("redis-get", [_redis_get(client)] * c, keys, duration_s)
+        base = await _measure("redis-get", [redis_get(client)] * c, keys, duration_s)
     finally:
         await client.aclose()
     return [api, rpc, base]
@@ -309,7 +315,7 @@ async def _batch_rows(
     ports: _Ports, redis_url: str, c: int, groups: Sequence[Sequence[list[str]]], duration_s: float
 ) -> list[BenchRow]:
     n = len(groups[0][0])
-    http = [_KeepAliveHttp(ports.http) for _ in range(c)]
+    http = [KeepAliveHttp(ports.http) for _ in range(c)]
     try:
         bodies = [[batch_request(g) for g in row] for row in groups]
         api = await _measure(f"api-http-b{n}", [h.batch_get for h in http], bodies, duration_s)
@@ -319,13 +325,13 @@ async def _batch_rows(
     finally:
         await asyncio.gather(*(h.close() for h in http))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
-        call = _grpc_call(channel, _BATCH_METHOD, pb.BatchGetEmbeddingsResponse)
+        call = grpc_call(channel, BATCH_METHOD, pb.BatchGetEmbeddingsResponse)
         messages = [[pb.BatchGetEmbeddingsRequest(user_ids=g) for g in row] for row in groups]
         rpc = await _measure(f"api-grpc-b{n}", [call] * c, messages, duration_s)
     client = aioredis.Redis.from_url(redis_url, max_connections=c)
     try:
         keys = [[[f"ue:{u}" for u in g] for g in row] for row in groups]
-        base = await _measure(f"redis-mget{n}", [_redis_mget(client)] * c, keys, duration_s)
+        base = await _measure(f"redis-mget{n}", [redis_mget(client)] * c, keys, duration_s)
     finally:
         await client.aclose()
     return [api, b64, rpc, base]
@@ -338,7 +344,7 @@ async def _bench(redis_url: str, ports: _Ports, config: BenchConfig) -> list[Ben
     finally:
         await info.aclose()
     print(
-        f"userembed bench read  commit={_commit()}  python={platform.python_version()}"
+        f"userembed bench read  commit={commit_id()}  python={platform.python_version()}"
         f"  cpus={os.cpu_count()}  redis={redis_version}  users={config.users}"
         f"  duration={config.duration_s}s  batch={config.batch_size}"
     )
@@ -368,7 +374,7 @@ async def _bench(redis_url: str, ports: _Ports, config: BenchConfig) -> list[Ben
     return rows
 
 
-def _redis_get(client: aioredis.Redis) -> Request:
+def redis_get(client: aioredis.Redis) -> Request:
     """The baseline: GET of the raw record, the least any reader of this data must do."""
 
     async def get(key: str) -> bool:
@@ -380,7 +386,7 @@ def _redis_get(client: aioredis.Redis) -> Request:
     return get
 
 
-def _redis_mget(client: aioredis.Redis) -> Request:
+def redis_mget(client: aioredis.Redis) -> Request:
     async def mget(keys: list[str]) -> bool:
         try:
             return None not in await client.mget(keys)
@@ -392,12 +398,3 @@ def _redis_mget(client: aioredis.Redis) -> Request:
 
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b else "n/a"
-
-
-def _commit() -> str:
-    git = ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"]
-    try:
-        out = subprocess.run(git, capture_output=True, text=True, timeout=5, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.strip() or "unknown"

@@ -307,13 +307,35 @@ def _cmd_bench_worker(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from service.evaluation.config import preset
+    from service.evaluation.runner import PARTS, run_evaluation
+
+    config = preset("quick" if args.quick else args.preset)
+    if args.redis_url or args.kafka_bootstrap:
+        from dataclasses import replace
+
+        live = replace(config.live, redis_url=args.redis_url, kafka_bootstrap=args.kafka_bootstrap)
+        config = replace(config, live=live)
+    parts = PARTS if args.only is None else (args.only,)
+    command = "userembed evaluate" + (
+        f" --preset {config.preset}" if config.preset != "default" else ""
+    )
+    path = run_evaluation(config, Path(args.out), parts=parts, command=command)
+    print(f"report: {path} (plots and report.json in {path.parent / 'report'})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="userembed",
         description="Fresh, stable user embeddings for rankers. Configuration: USEREMBED_* "
         "environment variables (see README).",
     )
-    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    parser.add_argument(
+        "--log-level", help="debug, info, warning, error (default info; warning for evaluate)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="everything in one process on the embedded default")
@@ -403,12 +425,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker_bench.add_argument("--redis-url", help="existing Redis (default: a private one)")
     worker_bench.set_defaults(func=_cmd_bench_worker)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="run the whole pipeline on the synthetic world and write docs/report.md",
+        description="Freshness, its value, stabilization and read latency under load, "
+        "measured on this machine (about 15 min by default, a few with --quick).",
+    )
+    size = evaluate.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the 'quick' preset: a few minutes")
+    size.add_argument(
+        "--preset", choices=["default", "quick", "tiny"], default="default", help="run size"
+    )
+    evaluate.add_argument("--out", default="docs", help="writes OUT/report.md and OUT/report/")
+    evaluate.add_argument(
+        "--only", choices=["live", "offline"], help="live: sections 1, 5; offline: 2-4"
+    )
+    evaluate.add_argument("--redis-url", help="existing Redis (default: a private one)")
+    evaluate.add_argument("--kafka-bootstrap", help="existing Kafka (default: librdkafka's mock)")
+    evaluate.set_defaults(func=_cmd_evaluate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.log_level)
+    _configure_logging(args.log_level or ("warning" if args.command == "evaluate" else "info"))
     try:
         args.func(args)
     except KeyboardInterrupt:

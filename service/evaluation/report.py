@@ -1,0 +1,569 @@
+"""docs/report.md, its PNG plots and the raw numbers as JSON, from one evaluation run."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from service.evaluation.live_results import LiveResults, RateResult, ReadRow
+from service.evaluation.offline import OfflineResults
+
+ASSETS = "report"  # plots and JSON go to <out>/report/, next to <out>/report.md
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationResults:
+    commit: str
+    started_at: str  # ISO 8601, UTC
+    preset: str
+    command: str
+    machine: dict[str, str | int]
+    live: LiveResults | None
+    offline: OfflineResults | None
+    seconds: float
+
+
+def write_report(results: EvaluationResults, out_dir: Path) -> Path:
+    """Write report.md, report/*.png and report/report.json under ``out_dir``; return the
+    path of report.md."""
+    assets = out_dir / ASSETS
+    assets.mkdir(parents=True, exist_ok=True)
+    raw = _finite(asdict(results))
+    (assets / "report.json").write_text(json.dumps(raw, indent=1, allow_nan=False) + "\n")
+    plots = _plots(results, assets)
+    path = out_dir / "report.md"
+    path.write_text(render_markdown(results, plots))
+    return path
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become null: JSON has no spelling for them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+# -- markdown ------------------------------------------------------------------------
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    return (
+        "n/a" if not math.isfinite(value) else f"{value:,.1f}" if value >= 100 else f"{value:.2f}"
+    )
+
+
+def _num(value: float, digits: int = 4) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def render_markdown(results: EvaluationResults, plots: dict[str, str]) -> str:
+    parts = [
+        "# userembed evaluation report",
+        "",
+        f"Measured on commit `{results.commit}` at {results.started_at}, preset "
+        f"`{results.preset}`, on {results.machine.get('cpus')} CPUs "
+        f"({results.machine.get('processor')}, Python {results.machine.get('python')}); "
+        f"the run took {results.seconds / 60:.1f} min. Reproduce with `{results.command}`; "
+        f"the raw numbers are in [{ASSETS}/report.json]({ASSETS}/report.json).",
+        "",
+        "Everything ran on this one machine: the Kafka-protocol broker, Redis, ingest, the "
+        "worker, the API and the load generators share its cores, so the latencies include "
+        "that contention. Sections 1 and 5 measure the running pipeline in real time; "
+        "sections 2-4 replay the synthetic world in simulated time through the same code "
+        "(`apply_events` -> `assemble` -> the served ONNX model -> `stabilize`).",
+        "",
+        "## Summary",
+        "",
+        *_summary(results),
+    ]
+    if results.live is not None:
+        parts += _freshness_section(results.live, plots)
+    if results.offline is not None:
+        parts += _value_section(results.offline, plots)
+        parts += _stabilization_section(results.offline, plots)
+        parts += _retrain_section(results.offline, plots)
+    if results.live is not None:
+        parts += _reads_section(results.live, plots)
+    return "\n".join(parts) + "\n"
+
+
+def _summary(results: EvaluationResults) -> list[str]:
+    lines: list[str] = []
+    live, offline = results.live, results.offline
+    if live is not None:
+        fresh = ", ".join(
+            f"{_rate(r.offered_rate)} ev/s: p50 {_ms(r.probes.p50_ms)} / p99 "
+            f"{_ms(r.probes.p99_ms)} ms{'' if r.keeps_up else ' (not keeping up)'}"
+            for r in live.rates
+        )
+        lines.append(
+            f"- **Freshness** (event produced -> embedding served): {fresh}. "
+            f"{live.saturation[:1].upper()}{live.saturation[1:]}."
+        )
+    if offline is not None:
+        f = offline.freshness
+        lines.append(
+            f"- **Value of freshness**: the frozen ranker's click AUC is {_num(f[0].auc)} with "
+            f"fresh embeddings and {_num(f[-1].auc)} with embeddings {f[-1].label} stale "
+            f"(NE {_num(f[0].ne)} -> {_num(f[-1].ne)}); without any user embedding it is "
+            f"{_num(offline.no_user_embedding.auc)}."
+        )
+        off = offline.stabilization[0]
+        on = [s for s in offline.stabilization[1:] if s.time_constant_s == 60.0]
+        chosen = on[0] if on else offline.stabilization[-1]
+        lines.append(
+            f"- **Stabilization** ({chosen.name}): jitter between consecutive serves "
+            f"{_num(off.jitter_mean)} -> {_num(chosen.jitter_mean)} (1 - cosine, mean), "
+            f"ranker AUC {_num(off.auc)} -> {_num(chosen.auc)}."
+        )
+        r = offline.retrain
+        lines.append(
+            f"- **Retrains**: the v1 ranker scores AUC {_num(r[1].auc)} on v2 embeddings "
+            f"unaligned, {_num(r[2].auc)} aligned, against {_num(r[0].auc)} on v1 and "
+            f"{_num(r[3].auc)} for a ranker retrained on v2; mean cosine v1 -> v2 "
+            f"{_num(offline.drift.mean_cosine_unaligned, 3)} unaligned, "
+            f"{_num(offline.drift.mean_cosine_aligned, 3)} aligned."
+        )
+    if live is not None and live.idle_reads and live.rates:
+        # the busiest rate the pipeline sustains (else the lowest measured)
+        kept = [r for r in live.rates if r.keeps_up]
+        busiest = kept[-1] if kept else live.rates[0]
+        for target in ("api-http", "api-grpc"):
+            idle = _row(live.idle_reads, target)
+            loaded = _row(busiest.reads, target)
+            if idle and loaded:
+                lines.append(
+                    f"- **Reads, {target}** at {_rate(idle.rate)} req/s: p99 "
+                    f"{_ms(idle.latency.p99_ms)} ms idle, {_ms(loaded.latency.p99_ms)} ms "
+                    f"with {_rate(busiest.offered_rate)} events/s flowing."
+                )
+    return lines or ["- (no section was run)"]
+
+
+def _row(rows: Sequence[ReadRow], target: str) -> ReadRow | None:
+    return next((r for r in rows if r.target == target), None)
+
+
+def _image(plots: dict[str, str], name: str, alt: str) -> list[str]:
+    return ["", f"![{alt}]({plots[name]})"] if name in plots else []
+
+
+def _freshness_section(live: LiveResults, plots: dict[str, str]) -> list[str]:
+    c = live.config
+    rows = [
+        (
+            _rate(r.offered_rate),
+            _rate(r.produced_rate),
+            _rate(r.ingested_rate),
+            _rate(r.embedded_rate),
+            r.probes.count,
+            _ms(r.probes.p50_ms),
+            _ms(r.probes.p99_ms),
+            _ms(r.probes.p999_ms),
+            _ms(r.probes.max_ms),
+            r.probe_timeouts,
+            f"{r.queue_growth_per_s:,.0f}",
+            r.queue_depth_end,
+            _ms(float(r.oldest_dirty_age_median_ms)),
+            r.kafka_lag_end,
+            "yes" if r.keeps_up else "**no**: " + "; ".join(r.shortfalls),
+        )
+        for r in live.rates
+    ]
+    return [
+        "",
+        "## 1. Freshness: event to served embedding",
+        "",
+        f"Configuration: broker {live.broker}, {live.kafka_partitions} partitions; "
+        f"{c.get('users'):,} background users (Zipf activity, `userembed produce`); model "
+        f"`{live.model_version}` on {live.worker_provider}; one ingest, one worker and one API "
+        f"process. Per rate: {c.get('warmup_s')} s warm-up, then "
+        f"{c.get('measure_s')} s of probes by {c.get('probe_users')} dedicated users. "
+        f"Settings that differ from the defaults: {_overrides(live.settings_overrides)}.",
+        "",
+        "A probe produces one event for its user and polls the API (batchGet every "
+        f"{c.get('probe_poll_ms')} ms) until the served `feature_version` includes it: the "
+        "latency a ranker sees, from the producer to a served embedding. Throughputs are "
+        "deltas of the roles' own Prometheus counters over the probe window.",
+        "",
+        _table(
+            (
+                "offered ev/s",
+                "produced ev/s",
+                "ingested ev/s",
+                "embedded users/s",
+                "probes",
+                "p50 ms",
+                "p99 ms",
+                "p99.9 ms",
+                "max ms",
+                "timeouts",
+                "queue growth users/s",
+                "queue at end",
+                "oldest dirty ms (median)",
+                "Kafka lag at end",
+                "keeps up",
+            ),
+            rows,
+        ),
+        "",
+        f"**Where the queue stops keeping up:** {live.saturation}.",
+        *_image(plots, "freshness", "freshness latency and dirty queue per event rate"),
+    ]
+
+
+def _overrides(settings: dict[str, str]) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in sorted(settings.items())) or "none"
+
+
+def _value_section(offline: OfflineResults, plots: dict[str, str]) -> list[str]:
+    w, fresh = offline.world, offline.freshness[0]
+    rows = [
+        (
+            row.label,
+            _num(row.auc),
+            f"{row.auc - fresh.auc:+.4f}",
+            _num(row.ne),
+            f"{row.ne - fresh.ne:+.4f}",
+            _num(row.mean_cosine_to_fresh, 3),
+            f"{row.share_missing_events:.1%}",
+        )
+        for row in offline.freshness
+    ]
+    blind = offline.no_user_embedding
+    rows.append(
+        (
+            blind.name,
+            _num(blind.auc),
+            f"{blind.auc - fresh.auc:+.4f}",
+            _num(blind.ne),
+            f"{blind.ne - fresh.ne:+.4f}",
+            "",
+            "",
+        )
+    )
+    return [
+        "",
+        "## 2. The value of freshness",
+        "",
+        _world_line(offline),
+        "",
+        f"The ranker is trained on {offline.impressions['ranker_train']:,.0f} impressions "
+        f"(days 2-{w['days'] - 1}) with fresh v1 embeddings, then frozen. It scores the "
+        f"{offline.impressions['eval']:,.0f} impressions of the last day "
+        f"({offline.impressions['eval_users']:,.0f} users, click rate "
+        f"{offline.impressions['eval_click_rate']:.3f}) with the embedding each user would "
+        "have been served had it last been computed that long before the impression.",
+        "",
+        _table(
+            (
+                "staleness",
+                "click AUC",
+                "Δ AUC",
+                "NE",
+                "Δ NE",
+                "cosine to fresh",
+                "impressions with missed events",
+            ),
+            rows,
+        ),
+        *_image(plots, "value_of_freshness", "ranker AUC and NE against embedding staleness"),
+    ]
+
+
+def _world_line(offline: OfflineResults) -> str:
+    w, c = offline.world, offline.config
+    models = "; ".join(
+        f"`{v}` held-out click AUC {m.get('click_auc', float('nan')):.4f}"
+        for v, m in offline.models.items()
+    )
+    return (
+        f"Configuration: synthetic world of {w['users']:,} users, {w['items']:,} items, "
+        f"{w['days']} days (seed {w['seed']}); SUM models trained on the first 80% of "
+        f"sessions ({models}); downstream ranker: item and category embeddings, the frozen "
+        f"user embedding and their interaction into a small MLP, {c['ranker_epochs']} epochs."
+    )
+
+
+def _stabilization_section(offline: OfflineResults, plots: dict[str, str]) -> list[str]:
+    s = offline.stabilization_settings
+    rows = [
+        (
+            row.name,
+            _num(row.jitter_mean),
+            _num(row.jitter_p90),
+            row.pairs,
+            _num(row.auc),
+            _num(row.ne),
+            _num(row.mean_cosine_to_fresh, 3),
+        )
+        for row in offline.stabilization
+    ]
+    return [
+        "",
+        "## 3. Stabilization within a model version",
+        "",
+        "Each user's impressions of the last day are served in order, each from the "
+        "embedding computed fresh just before it; with stabilization on, the served vector "
+        "moves from the previous serve towards the fresh one as the worker does it "
+        f"(`service/stabilization.py`, min weight {s['min_weight']}, max step "
+        f"{s['max_step']} rad; docs/stabilization.md). Jitter is 1 - cosine between "
+        "consecutive serves of a user; the frozen ranker (trained on raw embeddings) scores "
+        "the served vectors.",
+        "",
+        _table(
+            (
+                "stabilization",
+                "jitter mean",
+                "jitter p90",
+                "pairs",
+                "click AUC",
+                "NE",
+                "cosine to fresh",
+            ),
+            rows,
+        ),
+        *_image(plots, "stabilization", "jitter against ranker AUC per stabilization setting"),
+    ]
+
+
+def _retrain_section(offline: OfflineResults, plots: dict[str, str]) -> list[str]:
+    d = offline.drift
+    return [
+        "",
+        "## 4. Stabilization across retrains",
+        "",
+        "v2 is a retrain of v1 on the same data with another seed. The registry fitted its "
+        f"orthogonal Procrustes map onto v1 on {d.fit_sample_size:,} recent users (mean "
+        f"cosine {d.fit_mean_cosine_before:.3f} -> {d.fit_mean_cosine_after:.3f} on that "
+        "sample); the worker serves v2 through it. Scored on the same held-out impressions "
+        "as section 2, fresh embeddings.",
+        "",
+        _table(
+            ("embeddings and ranker", "click AUC", "NE"),
+            [(r.name, _num(r.auc), _num(r.ne)) for r in offline.retrain],
+        ),
+        "",
+        _table(
+            ("drift v1 -> v2 (same impressions)", "mean cosine"),
+            [
+                ("unaligned", _num(d.mean_cosine_unaligned, 3)),
+                ("aligned (Procrustes)", _num(d.mean_cosine_aligned, 3)),
+            ],
+        ),
+        *_image(plots, "retrain", "ranker AUC across a retrain"),
+    ]
+
+
+def _reads_section(live: LiveResults, plots: dict[str, str]) -> list[str]:
+    c = live.config
+
+    def rows_of(label: str, reads: Sequence[ReadRow]) -> list[tuple[object, ...]]:
+        return [
+            (
+                label,
+                r.target,
+                _rate(r.rate),
+                _rate(r.achieved_rate),
+                r.errors,
+                r.latency.count,
+                _ms(r.latency.p50_ms),
+                _ms(r.latency.p99_ms),
+                _ms(r.latency.p999_ms),
+            )
+            for r in reads
+        ]
+
+    rows = rows_of("idle", live.idle_reads)
+    for rate in live.rates:
+        rows += rows_of(f"{_rate(rate.offered_rate)} ev/s", rate.reads)
+    return [
+        "",
+        "## 5. Read latency under ingest and worker load",
+        "",
+        f"Open-loop reads at {_rate(float(c.get('read_rate', 0)))} req/s for "
+        f"{c.get('read_s')} s per target (latency from the scheduled send time, so queueing "
+        "in the client counts), uniform over the background users: the API over HTTP "
+        "(GET, keep-alive) and gRPC (GetEmbedding), and a raw Redis GET of the same record "
+        "as the baseline. Idle: the pipeline is up but no events flow; then at each rate of "
+        "section 1, after its probe window, with the producer still running.",
+        "",
+        _table(
+            (
+                "load",
+                "target",
+                "offered req/s",
+                "achieved req/s",
+                "errors",
+                "requests",
+                "p50 ms",
+                "p99 ms",
+                "p99.9 ms",
+            ),
+            rows,
+        ),
+        *_image(plots, "reads", "read latency idle and under load"),
+    ]
+
+
+# -- plots ---------------------------------------------------------------------------
+
+
+def _plots(results: EvaluationResults, assets: Path) -> dict[str, str]:
+    """Render every plot the results allow; return name -> path relative to report.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: dict[str, str] = {}
+
+    def save(name: str, figure: Any) -> None:
+        figure.tight_layout()
+        figure.savefig(assets / f"{name}.png", dpi=110)
+        plt.close(figure)
+        made[name] = f"{ASSETS}/{name}.png"
+
+    if results.live is not None and results.live.rates:
+        save("freshness", _freshness_figure(plt, results.live.rates))
+        save("reads", _reads_figure(plt, results.live))
+    if results.offline is not None:
+        save("value_of_freshness", _value_figure(plt, results.offline))
+        save("stabilization", _stabilization_figure(plt, results.offline))
+        save("retrain", _retrain_figure(plt, results.offline))
+    return made
+
+
+def _freshness_figure(plt: Any, rates: Sequence[RateResult]) -> Any:
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    offered = [r.offered_rate for r in rates]
+    for label, key in (("p50", "p50_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms")):
+        left.plot(offered, [getattr(r.probes, key) for r in rates], marker="o", label=label)
+    left.set(
+        xscale="log",
+        yscale="log",
+        xlabel="offered events/s",
+        ylabel="event -> served embedding (ms)",
+        title="Freshness",
+    )
+    left.legend()
+    for r in rates:
+        t = [s[0] for s in r.queue_samples]
+        right.plot(t, [s[1] for s in r.queue_samples], label=f"{_rate(r.offered_rate)} ev/s")
+    right.set(
+        xlabel="seconds into the rate's phase",
+        ylabel="users in the dirty queue",
+        title="Dirty queue depth",
+    )
+    right.legend()
+    return figure
+
+
+def _value_figure(plt: Any, offline: OfflineResults) -> Any:
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [r.label for r in offline.freshness]
+    left.plot(labels, [r.auc for r in offline.freshness], marker="o", label="frozen ranker")
+    left.axhline(
+        offline.no_user_embedding.auc, color="grey", linestyle="--", label="no user embedding"
+    )
+    left.set(xlabel="embedding staleness", ylabel="click AUC", title="AUC vs staleness")
+    left.legend()
+    right.plot(labels, [r.ne for r in offline.freshness], marker="o", color="tab:red")
+    right.axhline(offline.no_user_embedding.ne, color="grey", linestyle="--")
+    right.set(
+        xlabel="embedding staleness",
+        ylabel="normalized entropy (lower is better)",
+        title="NE vs staleness",
+    )
+    return figure
+
+
+def _stabilization_figure(plt: Any, offline: OfflineResults) -> Any:
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for row in offline.stabilization:
+        axis.scatter(row.jitter_mean, row.auc, s=40)
+        axis.annotate(
+            row.name,
+            (row.jitter_mean, row.auc),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    axis.set(
+        xlabel="jitter: mean 1 - cosine between consecutive serves",
+        ylabel="frozen ranker click AUC",
+        title="Stabilization: jitter vs AUC",
+    )
+    return figure
+
+
+def _retrain_figure(plt: Any, offline: OfflineResults) -> Any:
+    figure, (left, right) = plt.subplots(
+        1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1.3]}
+    )
+    names = ["v1 (reference)", "v2 unaligned", "v2 aligned", "v2 + retrained ranker"]
+    left.bar(
+        names,
+        [r.auc for r in offline.retrain],
+        color=["tab:blue", "tab:red", "tab:green", "tab:grey"],
+    )
+    left.axhline(
+        offline.no_user_embedding.auc, color="grey", linestyle="--", label="no user embedding"
+    )
+    lows = [r.auc for r in offline.retrain] + [offline.no_user_embedding.auc]
+    left.set(
+        ylim=(min(lows) - 0.02, max(lows) + 0.02),
+        ylabel="click AUC",
+        title="Ranker trained on v1, across a retrain",
+    )
+    left.legend()
+    right.bar(
+        ["unaligned", "aligned"],
+        [offline.drift.mean_cosine_unaligned, offline.drift.mean_cosine_aligned],
+        color=["tab:red", "tab:green"],
+    )
+    right.set(
+        ylim=(min(0.0, offline.drift.mean_cosine_unaligned), 1.0),
+        ylabel="mean cosine v1 -> v2",
+        title="Drift",
+    )
+    return figure
+
+
+def _reads_figure(plt: Any, live: LiveResults) -> Any:
+    figure, axis = plt.subplots(figsize=(9, 4))
+    loads = [("idle", live.idle_reads)] + [
+        (f"{_rate(r.offered_rate)} ev/s", r.reads) for r in live.rates
+    ]
+    targets = ["api-http", "api-grpc", "redis-get"]
+    width = 0.8 / len(targets)
+    for i, target in enumerate(targets):
+        values = [(_row(reads, target) or None) for _, reads in loads]
+        axis.bar(
+            [x + i * width for x in range(len(loads))],
+            [v.latency.p99_ms if v else 0.0 for v in values],
+            width,
+            label=target,
+        )
+    axis.set_xticks([x + width for x in range(len(loads))], [name for name, _ in loads])
+    axis.set(ylabel="p99 latency (ms)", yscale="log", title="Read p99, idle and under load")
+    axis.legend()
+    return figure
