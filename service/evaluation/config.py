@@ -28,7 +28,7 @@ class LiveConfig:
     ``read_s`` of open-loop reads per target (HTTP, gRPC, raw Redis GET) at ``read_rate``.
     """
 
-    rates: tuple[float, ...] = (1_000.0, 2_000.0, 5_000.0, 10_000.0, 20_000.0, 40_000.0)
+    rates: tuple[float, ...] = (1_000.0, 2_000.0, 5_000.0, 10_000.0, 20_000.0, 30_000.0, 40_000.0)
     users: int = 10_000
     warmup_s: float = 5.0
     measure_s: float = 30.0

@@ -29,6 +29,7 @@ from service.events import Event, EventType, encode_event
 from service.kafka import KafkaEventSink
 
 MAX_GAP_S = 0.05  # random pause between a user's probes, so probes do not sync with batches
+VERSION_READ_ATTEMPTS = 5
 
 
 @dataclass(slots=True)
@@ -113,8 +114,11 @@ class Prober:
             except TimeoutError:
                 result.timeouts += 1
                 self._outstanding.pop(user, None)
-                async with self._side_lock:
-                    (now_seen,) = (await self._versions([user], self._side_http)).values()
+                try:
+                    async with self._side_lock:
+                        (now_seen,) = (await self._versions([user], self._side_http)).values()
+                except RuntimeError:
+                    continue  # an overloaded API: keep the old baseline, the poller catches up
                 # the poller may have seen a newer answer meanwhile: never step back
                 self._seen[user] = max(self._seen.get(user, 0), now_seen)
             else:
@@ -156,10 +160,18 @@ class Prober:
     async def _versions(
         self, users: Sequence[str], http: KeepAliveHttp | None = None
     ) -> dict[str, int]:
-        answer = await (http or self._poll_http).fetch(batch_request(users, "base64_float16"))
-        if answer is None or answer[0] != 200:
-            raise RuntimeError(f"batchGet of the probe users failed: {answer!r}")
-        return {str(a["user_id"]): _version(a) for a in orjson.loads(answer[1])["embeddings"]}
+        request = batch_request(users, "base64_float16")
+        answer = None
+        for attempt in range(VERSION_READ_ATTEMPTS):
+            # a keep-alive connection idle past the server's timeout fails once, then
+            # reconnects; an overloaded API may need a moment
+            answer = await (http or self._poll_http).fetch(request)
+            if answer is not None and answer[0] == 200:
+                return {
+                    str(a["user_id"]): _version(a) for a in orjson.loads(answer[1])["embeddings"]
+                }
+            await asyncio.sleep(0.05 * (attempt + 1))
+        raise RuntimeError(f"batchGet of the probe users failed: {answer!r}")
 
 
 def _version(answer: dict[str, object]) -> int:

@@ -31,6 +31,7 @@ def run_evaluation(
     if unknown or not parts:
         raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {sorted(parts)}")
     started, started_at = time.perf_counter(), datetime.now(UTC).isoformat(timespec="seconds")
+    commit = commit_id()  # what is measured is the tree as it was when the run began
     total = sum(_WEIGHT[p] for p in parts)
     bar = tqdm(
         total=1000,
@@ -63,7 +64,7 @@ def run_evaluation(
             done += _WEIGHT["offline"]
         bar.set_postfix_str("write the report")
         results = EvaluationResults(
-            commit=commit_id(),
+            commit=commit,
             started_at=started_at,
             preset=config.preset,
             command=command or f"userembed evaluate --preset {config.preset}",
