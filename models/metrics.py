@@ -44,3 +44,15 @@ def recall_at_k(scores: FloatArray, targets: npt.NDArray[np.int64], k: int) -> f
     k = min(k, scores.shape[1])
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     return float(np.mean(np.any(top == targets[:, None], axis=1)))
+
+
+def auc_standard_error(auc_value: float, positives: int, negatives: int) -> float:
+    """Standard error of an AUC estimate (Hanley & McNeil, 1982); nan without both classes."""
+    if positives <= 0 or negatives <= 0:
+        return float("nan")
+    a = auc_value
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    variance = (a * (1 - a) + (positives - 1) * (q1 - a * a) + (negatives - 1) * (q2 - a * a)) / (
+        positives * negatives
+    )
+    return float(np.sqrt(max(variance, 0.0)))

@@ -57,6 +57,7 @@ from models.registry import install, load_artifact
 from service.clock import now_ms
 from service.evaluation.config import LiveConfig
 from service.evaluation.live_results import (
+    MOCK_BROKER,
     LatencySummary,
     LiveResults,
     Measured,
@@ -90,7 +91,6 @@ __all__ = ["READ_TARGETS", "LatencySummary", "LiveResults", "RateResult", "ReadR
 Progress = Callable[[str, float], None]
 READ_TARGETS: Final = ("api-http", "api-grpc", "redis-get")
 SAMPLE_EVERY_S: Final = 0.5
-MOCK_BROKER: Final = "librdkafka mock cluster"
 PRODUCER_MAX_RATE: Final = 15_000.0  # events/s per `userembed produce` process
 
 

@@ -12,6 +12,7 @@ from typing import Any, Final
 
 import numpy as np
 
+MOCK_BROKER: Final = "librdkafka mock cluster"  # LiveResults.broker without a bootstrap
 MIN_PRODUCED_SHARE: Final = 0.9
 MIN_INGESTED_SHARE: Final = 0.9
 MAX_GROWTH_USERS_PER_S: Final = 50.0

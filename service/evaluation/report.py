@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from service.evaluation.live_results import LiveResults, RateResult, ReadRow
+from models.metrics import auc_standard_error
+from service.evaluation.live_results import MOCK_BROKER, LiveResults, RateResult, ReadRow
 from service.evaluation.offline import OfflineResults
 
 ASSETS = "report"  # plots and JSON go to <out>/report/, next to <out>/report.md
@@ -226,6 +227,18 @@ def _freshness_section(live: LiveResults, plots: dict[str, str]) -> list[str]:
         ),
         "",
         f"**Where the queue stops keeping up:** {live.saturation}.",
+        *(
+            [
+                "",
+                "Past that rate the percentiles cover only the probes that were served. On "
+                "librdkafka's mock cluster a partition that ingest falls far behind on is "
+                "truncated (the mock keeps only a few MB per partition; ingest logs offset "
+                "resets), so some events, probes included, are never delivered: a real Kafka "
+                "keeps them by retention time and ingest would work through the lag instead.",
+            ]
+            if live.first_failing_rate is not None and live.broker == MOCK_BROKER
+            else []
+        ),
         *_image(plots, "freshness", "freshness latency and dirty queue per event rate"),
     ]
 
@@ -285,8 +298,23 @@ def _value_section(offline: OfflineResults, plots: dict[str, str]) -> list[str]:
             ),
             rows,
         ),
+        "",
+        _precision_line(offline),
         *_image(plots, "value_of_freshness", "ranker AUC and NE against embedding staleness"),
     ]
+
+
+def _precision_line(offline: OfflineResults) -> str:
+    """How precise one AUC of these tables is, so small differences are read as such."""
+    n = offline.impressions["eval"]
+    positives = round(n * offline.impressions["eval_click_rate"])
+    error = auc_standard_error(offline.freshness[0].auc, positives, round(n) - positives)
+    return (
+        f"Precision: with {n:,.0f} impressions ({positives:,} clicks), one AUC has a standard "
+        f"error of about {error:.4f} (Hanley-McNeil); rows score the same impressions, so "
+        "their differences are paired and somewhat more precise than that, but differences "
+        "well below it are noise."
+    )
 
 
 def _world_line(offline: OfflineResults) -> str:
@@ -341,6 +369,8 @@ def _stabilization_section(offline: OfflineResults, plots: dict[str, str]) -> li
             ),
             rows,
         ),
+        "",
+        _precision_line(offline),
         *_image(plots, "stabilization", "jitter against ranker AUC per stabilization setting"),
     ]
 

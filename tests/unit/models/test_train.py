@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pytest
 import torch
 
 from models.dataset import Dataset
-from models.metrics import auc, normalized_entropy, recall_at_k
+from models.metrics import auc, auc_standard_error, normalized_entropy, recall_at_k
 from models.train import TrainConfig, TrainResult, train
 from tests.unit.models.conftest import TINY_TOWER
 
@@ -46,3 +49,12 @@ def test_metrics_on_known_cases() -> None:
     scores = np.array([[0.9, 0.1, 0.5], [0.1, 0.9, 0.5]])
     assert recall_at_k(scores, np.array([0, 0]), k=1) == 0.5
     assert recall_at_k(scores, np.array([2, 2]), k=2) == 1.0
+
+
+def test_auc_standard_error_matches_the_exact_null_variance_and_shrinks_with_data() -> None:
+    # at AUC 0.5 Hanley-McNeil equals the exact Mann-Whitney variance (n1 + n2 + 1) / (12 n1 n2)
+    for n1, n2 in ((10, 30), (800, 2100)):
+        expected = ((n1 + n2 + 1) / (12 * n1 * n2)) ** 0.5
+        assert auc_standard_error(0.5, n1, n2) == pytest.approx(expected, rel=1e-12)
+    assert auc_standard_error(0.74, 8_000, 21_000) < auc_standard_error(0.74, 800, 2_100)
+    assert math.isnan(auc_standard_error(0.7, 0, 10))
