@@ -25,6 +25,7 @@ from service.proto.userembed.v1 import embeddings_pb2 as pb
 T = TypeVar("T")
 Send = Callable[[Any], Awaitable[bool]]
 WARM_UP_REQUESTS = 20
+IDLE_REUSE_S = 4.0  # below the server's keep-alive timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,22 +74,30 @@ async def open_loop(
 
 class HttpPool:
     """Keep-alive HTTP/1.1 connections: an idle one per request, a new one when all are
-    busy. A connection whose request was abandoned (timeout) is not reused."""
+    busy. A connection whose request was abandoned (timeout) is not reused, nor one idle
+    for longer than ``IDLE_REUSE_S``: the server may have closed it (uvicorn's keep-alive
+    timeout is 5 s), and like any HTTP client we do not send on a connection likely dead."""
 
     def __init__(self, port: int) -> None:
         self._port = port
-        self._idle: list[KeepAliveHttp] = []
+        self._idle: list[tuple[KeepAliveHttp, float]] = []  # (connection, idle since)
         self._all: list[KeepAliveHttp] = []
 
     async def get_embedding(self, user_id: str) -> bool:
-        if self._idle:
-            conn = self._idle.pop()
-        else:
-            conn = KeepAliveHttp(self._port)
-            self._all.append(conn)
+        conn = await self._take()
         ok = await conn.get_embedding(user_id)  # a cancellation leaves conn out of the pool
-        self._idle.append(conn)
+        self._idle.append((conn, time.monotonic()))
         return ok
+
+    async def _take(self) -> KeepAliveHttp:
+        if self._idle:
+            conn, since = self._idle.pop()
+            if time.monotonic() - since > IDLE_REUSE_S:
+                await conn.close()  # it opens a fresh connection on its next request
+            return conn
+        conn = KeepAliveHttp(self._port)
+        self._all.append(conn)
+        return conn
 
     @property
     def connections(self) -> int:
