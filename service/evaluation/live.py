@@ -58,6 +58,7 @@ from service.clock import now_ms
 from service.evaluation.config import LiveConfig
 from service.evaluation.live_results import (
     MOCK_BROKER,
+    READ_TARGETS,
     LatencySummary,
     LiveResults,
     Measured,
@@ -89,7 +90,6 @@ from service.store import RedisStore
 
 __all__ = ["READ_TARGETS", "LatencySummary", "LiveResults", "RateResult", "ReadRow", "run_live"]
 Progress = Callable[[str, float], None]
-READ_TARGETS: Final = ("api-http", "api-grpc", "redis-get")
 SAMPLE_EVERY_S: Final = 0.5
 PRODUCER_MAX_RATE: Final = 15_000.0  # events/s per `userembed produce` process
 

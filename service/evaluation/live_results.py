@@ -13,6 +13,7 @@ from typing import Any, Final
 import numpy as np
 
 MOCK_BROKER: Final = "librdkafka mock cluster"  # LiveResults.broker without a bootstrap
+READ_TARGETS: Final = ("api-http", "api-grpc", "redis-get")  # HTTP, gRPC, the baseline
 MIN_PRODUCED_SHARE: Final = 0.9
 MIN_INGESTED_SHARE: Final = 0.9
 MAX_GROWTH_USERS_PER_S: Final = 50.0
@@ -49,6 +50,11 @@ class ReadRow:
     achieved_rate: float  # answered requests per second
     errors: int
     latency: LatencySummary
+
+
+def read_row(rows: Sequence[ReadRow], target: str) -> ReadRow | None:
+    """The row of ``target`` among one load's reads, if it was measured."""
+    return next((r for r in rows if r.target == target), None)
 
 
 @dataclass(frozen=True, slots=True)

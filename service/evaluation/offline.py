@@ -24,6 +24,7 @@ from models.alignment import mean_cosine
 from models.dataset import DataConfig, Dataset, load_dataset
 from models.downstream import RankerConfig, RankerData, ranker_metrics, train_ranker
 from models.impressions import Embedder, ImpressionLog, embed_as_of, impressions_from_events
+from models.metrics import auc_standard_error
 from models.pipeline import RunConfig, TrainingRun, publish_run, run_training
 from models.registry import load_manifest
 from models.train import TrainConfig
@@ -94,6 +95,17 @@ class OfflineResults:
     retrain: list[Scored]
     drift: Drift
     seconds: float
+
+    @property
+    def eval_clicks(self) -> tuple[int, int]:
+        """Clicked and not-clicked impressions of the held-out day every AUC is scored on."""
+        n = round(self.impressions["eval"])
+        positives = round(n * self.impressions["eval_click_rate"])
+        return positives, n - positives
+
+    def auc_error(self, auc: float) -> float:
+        """Standard error of one AUC on the held-out impressions (Hanley-McNeil)."""
+        return auc_standard_error(auc, *self.eval_clicks)
 
 
 def run_offline(config: OfflineConfig, progress: Progress | None = None) -> OfflineResults:

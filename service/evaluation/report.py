@@ -1,4 +1,4 @@
-"""docs/report.md, its PNG plots and the raw numbers as JSON, from one evaluation run."""
+"""docs/report.md and the raw numbers as JSON, from one evaluation run (plots: plots.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from models.metrics import auc_standard_error
-from service.evaluation.live_results import MOCK_BROKER, LiveResults, RateResult, ReadRow
+from service.evaluation.live_results import MOCK_BROKER, LiveResults, ReadRow, read_row
 from service.evaluation.offline import OfflineResults
+from service.evaluation.plots import render_plots
 
 ASSETS = "report"  # plots and JSON go to <out>/report/, next to <out>/report.md
 
@@ -35,7 +35,7 @@ def write_report(results: EvaluationResults, out_dir: Path) -> Path:
     assets.mkdir(parents=True, exist_ok=True)
     raw = _finite(asdict(results))
     (assets / "report.json").write_text(json.dumps(raw, indent=1, allow_nan=False) + "\n")
-    plots = _plots(results, assets)
+    plots = render_plots(results.live, results.offline, assets, ASSETS)
     path = out_dir / "report.md"
     path.write_text(render_markdown(results, plots))
     return path
@@ -71,8 +71,12 @@ def _num(value: float, digits: int = 4) -> str:
     return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _sentence(clause: str) -> str:
+    return clause[:1].upper() + clause[1:]
+
+
 def _rate(value: float) -> str:
-    return f"{value:,.0f}"
+    return f"{round(value):,}"  # an int: -0.2 prints as 0, not -0
 
 
 def render_markdown(results: EvaluationResults, plots: dict[str, str]) -> str:
@@ -117,7 +121,7 @@ def _summary(results: EvaluationResults) -> list[str]:
         )
         lines.append(
             f"- **Freshness** (event produced -> embedding served): {fresh}. "
-            f"{live.saturation[:1].upper()}{live.saturation[1:]}."
+            f"{_sentence(live.saturation)}."
         )
     if offline is not None:
         f = offline.freshness
@@ -141,26 +145,29 @@ def _summary(results: EvaluationResults) -> list[str]:
             f"unaligned, {_num(r[2].auc)} aligned, against {_num(r[0].auc)} on v1 and "
             f"{_num(r[3].auc)} for a ranker retrained on v2; mean cosine v1 -> v2 "
             f"{_num(offline.drift.mean_cosine_unaligned, 3)} unaligned, "
-            f"{_num(offline.drift.mean_cosine_aligned, 3)} aligned."
+            f"{_num(offline.drift.mean_cosine_aligned, 3)} aligned; {_recovery(offline)}."
         )
     if live is not None and live.idle_reads and live.rates:
         # the busiest rate the pipeline sustains (else the lowest measured)
         kept = [r for r in live.rates if r.keeps_up]
         busiest = kept[-1] if kept else live.rates[0]
-        for target in ("api-http", "api-grpc"):
-            idle = _row(live.idle_reads, target)
-            loaded = _row(busiest.reads, target)
-            if idle and loaded:
-                lines.append(
-                    f"- **Reads, {target}** at {_rate(idle.rate)} req/s: p99 "
-                    f"{_ms(idle.latency.p99_ms)} ms idle, {_ms(loaded.latency.p99_ms)} ms "
-                    f"with {_rate(busiest.offered_rate)} events/s flowing."
+        p99 = {
+            target: (read_row(live.idle_reads, target), read_row(busiest.reads, target))
+            for target in ("api-http", "api-grpc", "redis-get")
+        }
+        measured = {t: (i, b) for t, (i, b) in p99.items() if i is not None and b is not None}
+        if "api-http" in measured or "api-grpc" in measured:
+            lines.append(
+                f"- **Reads** (open loop, {_rate(live.config['read_rate'])} req/s), p99 idle -> "
+                f"with "
+                f"{_rate(busiest.offered_rate)} events/s flowing: "
+                + ", ".join(
+                    f"{target} {_ms(idle.latency.p99_ms)} -> {_ms(loaded.latency.p99_ms)} ms"
+                    for target, (idle, loaded) in measured.items()
                 )
+                + " (the raw Redis GET is the baseline: what the shared cores cost any reader)."
+            )
     return lines or ["- (no section was run)"]
-
-
-def _row(rows: Sequence[ReadRow], target: str) -> ReadRow | None:
-    return next((r for r in rows if r.target == target), None)
 
 
 def _image(plots: dict[str, str], name: str, alt: str) -> list[str]:
@@ -181,7 +188,7 @@ def _freshness_section(live: LiveResults, plots: dict[str, str]) -> list[str]:
             _ms(r.probes.p999_ms),
             _ms(r.probes.max_ms),
             r.probe_timeouts,
-            f"{r.queue_growth_per_s:,.0f}",
+            _rate(r.queue_growth_per_s),
             r.queue_depth_end,
             _ms(float(r.oldest_dirty_age_median_ms)),
             r.kafka_lag_end,
@@ -306,11 +313,11 @@ def _value_section(offline: OfflineResults, plots: dict[str, str]) -> list[str]:
 
 def _precision_line(offline: OfflineResults) -> str:
     """How precise one AUC of these tables is, so small differences are read as such."""
-    n = offline.impressions["eval"]
-    positives = round(n * offline.impressions["eval_click_rate"])
-    error = auc_standard_error(offline.freshness[0].auc, positives, round(n) - positives)
+    positives, negatives = offline.eval_clicks
+    error = offline.auc_error(offline.freshness[0].auc)
     return (
-        f"Precision: with {n:,.0f} impressions ({positives:,} clicks), one AUC has a standard "
+        f"Precision: with {positives + negatives:,} impressions ({positives:,} clicks), one "
+        f"AUC has a standard "
         f"error of about {error:.4f} (Hanley-McNeil); rows score the same impressions, so "
         "their differences are paired and somewhat more precise than that, but differences "
         "well below it are noise."
@@ -399,8 +406,40 @@ def _retrain_section(offline: OfflineResults, plots: dict[str, str]) -> list[str
                 ("aligned (Procrustes)", _num(d.mean_cosine_aligned, 3)),
             ],
         ),
+        "",
+        _precision_line(offline),
+        "",
+        _recovery_line(offline),
         *_image(plots, "retrain", "ranker AUC across a retrain"),
     ]
+
+
+def _recovery(offline: OfflineResults) -> str:
+    """How much of the AUC the frozen v1 ranker loses on unaligned v2 alignment wins back."""
+    reference, unaligned, aligned, _ = (r.auc for r in offline.retrain)
+    lost = reference - unaligned
+    if lost <= 0:
+        return "the frozen v1 ranker loses no AUC on unaligned v2, so alignment has nothing to win"
+    return (
+        f"alignment wins back {(aligned - unaligned) / lost:.0%} of the AUC the frozen v1 "
+        "ranker loses on unaligned v2"
+    )
+
+
+def _recovery_line(offline: OfflineResults) -> str:
+    _, unaligned, aligned, retrained = offline.retrain
+    gap, error = aligned.auc - retrained.auc, offline.auc_error(retrained.auc)
+    verdict = (
+        ": within the noise, so a downstream model keeps working across the retrain "
+        "without being retrained itself"
+        if abs(gap) < 2 * error
+        else ""
+    )
+    return (
+        f"{_sentence(_recovery(offline))} ({_num(unaligned.auc)} -> {_num(aligned.auc)}). The "
+        f"aligned row is {gap:+.4f} from the ranker retrained on v2, "
+        f"{abs(gap) / error:.1f} standard errors{verdict}."
+    )
 
 
 def _reads_section(live: LiveResults, plots: dict[str, str]) -> list[str]:
@@ -452,148 +491,3 @@ def _reads_section(live: LiveResults, plots: dict[str, str]) -> list[str]:
         ),
         *_image(plots, "reads", "read latency idle and under load"),
     ]
-
-
-# -- plots ---------------------------------------------------------------------------
-
-
-def _plots(results: EvaluationResults, assets: Path) -> dict[str, str]:
-    """Render every plot the results allow; return name -> path relative to report.md."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made: dict[str, str] = {}
-
-    def save(name: str, figure: Any) -> None:
-        figure.tight_layout()
-        figure.savefig(assets / f"{name}.png", dpi=110)
-        plt.close(figure)
-        made[name] = f"{ASSETS}/{name}.png"
-
-    if results.live is not None and results.live.rates:
-        save("freshness", _freshness_figure(plt, results.live.rates))
-        save("reads", _reads_figure(plt, results.live))
-    if results.offline is not None:
-        save("value_of_freshness", _value_figure(plt, results.offline))
-        save("stabilization", _stabilization_figure(plt, results.offline))
-        save("retrain", _retrain_figure(plt, results.offline))
-    return made
-
-
-def _freshness_figure(plt: Any, rates: Sequence[RateResult]) -> Any:
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    offered = [r.offered_rate for r in rates]
-    for label, key in (("p50", "p50_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms")):
-        left.plot(offered, [getattr(r.probes, key) for r in rates], marker="o", label=label)
-    left.set(
-        xscale="log",
-        yscale="log",
-        xlabel="offered events/s",
-        ylabel="event -> served embedding (ms)",
-        title="Freshness",
-    )
-    left.legend()
-    for r in rates:
-        t = [s[0] for s in r.queue_samples]
-        right.plot(t, [s[1] for s in r.queue_samples], label=f"{_rate(r.offered_rate)} ev/s")
-    right.set(
-        xlabel="seconds into the rate's phase",
-        ylabel="users in the dirty queue",
-        title="Dirty queue depth",
-    )
-    right.legend()
-    return figure
-
-
-def _value_figure(plt: Any, offline: OfflineResults) -> Any:
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [r.label for r in offline.freshness]
-    left.plot(labels, [r.auc for r in offline.freshness], marker="o", label="frozen ranker")
-    left.axhline(
-        offline.no_user_embedding.auc, color="grey", linestyle="--", label="no user embedding"
-    )
-    left.set(xlabel="embedding staleness", ylabel="click AUC", title="AUC vs staleness")
-    left.legend()
-    right.plot(labels, [r.ne for r in offline.freshness], marker="o", color="tab:red")
-    right.axhline(offline.no_user_embedding.ne, color="grey", linestyle="--")
-    right.set(
-        xlabel="embedding staleness",
-        ylabel="normalized entropy (lower is better)",
-        title="NE vs staleness",
-    )
-    return figure
-
-
-def _stabilization_figure(plt: Any, offline: OfflineResults) -> Any:
-    figure, axis = plt.subplots(figsize=(6.5, 4))
-    for row in offline.stabilization:
-        axis.scatter(row.jitter_mean, row.auc, s=40)
-        axis.annotate(
-            row.name,
-            (row.jitter_mean, row.auc),
-            fontsize=8,
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
-    axis.set(
-        xlabel="jitter: mean 1 - cosine between consecutive serves",
-        ylabel="frozen ranker click AUC",
-        title="Stabilization: jitter vs AUC",
-    )
-    return figure
-
-
-def _retrain_figure(plt: Any, offline: OfflineResults) -> Any:
-    figure, (left, right) = plt.subplots(
-        1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1.3]}
-    )
-    names = ["v1 (reference)", "v2 unaligned", "v2 aligned", "v2 + retrained ranker"]
-    left.bar(
-        names,
-        [r.auc for r in offline.retrain],
-        color=["tab:blue", "tab:red", "tab:green", "tab:grey"],
-    )
-    left.axhline(
-        offline.no_user_embedding.auc, color="grey", linestyle="--", label="no user embedding"
-    )
-    lows = [r.auc for r in offline.retrain] + [offline.no_user_embedding.auc]
-    left.set(
-        ylim=(min(lows) - 0.02, max(lows) + 0.02),
-        ylabel="click AUC",
-        title="Ranker trained on v1, across a retrain",
-    )
-    left.legend()
-    right.bar(
-        ["unaligned", "aligned"],
-        [offline.drift.mean_cosine_unaligned, offline.drift.mean_cosine_aligned],
-        color=["tab:red", "tab:green"],
-    )
-    right.set(
-        ylim=(min(0.0, offline.drift.mean_cosine_unaligned), 1.0),
-        ylabel="mean cosine v1 -> v2",
-        title="Drift",
-    )
-    return figure
-
-
-def _reads_figure(plt: Any, live: LiveResults) -> Any:
-    figure, axis = plt.subplots(figsize=(9, 4))
-    loads = [("idle", live.idle_reads)] + [
-        (f"{_rate(r.offered_rate)} ev/s", r.reads) for r in live.rates
-    ]
-    targets = ["api-http", "api-grpc", "redis-get"]
-    width = 0.8 / len(targets)
-    for i, target in enumerate(targets):
-        values = [(_row(reads, target) or None) for _, reads in loads]
-        axis.bar(
-            [x + i * width for x in range(len(loads))],
-            [v.latency.p99_ms if v else 0.0 for v in values],
-            width,
-            label=target,
-        )
-    axis.set_xticks([x + width for x in range(len(loads))], [name for name, _ in loads])
-    axis.set(ylabel="p99 latency (ms)", yscale="log", title="Read p99, idle and under load")
-    axis.legend()
-    return figure

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,9 @@ def test_the_report_has_every_section_plot_and_its_provenance(
     assert raw["commit"] == commit_id() and f"`{raw['commit']}`" in markdown
     assert raw["preset"] == "tiny" and raw["machine"]["cpus"] >= 1
     assert "userembed evaluate --preset tiny" in markdown
+    retrain = markdown.split("## 4.")[1].split("## 5.")[0]
+    assert "Precision:" in retrain and "from the ranker retrained on v2" in retrain
+    assert not re.search(r"\bnan\b", markdown, re.IGNORECASE)  # every number was measured
 
 
 def _ordered(summary: dict[str, Any]) -> None:
