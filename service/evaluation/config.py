@@ -37,6 +37,7 @@ class LiveConfig:
     probe_timeout_s: float = 10.0
     read_rate: float = 500.0
     read_s: float = 8.0
+    read_timeout_s: float = 5.0  # an open-loop read not answered by then is an error
     drain_timeout_s: float = 60.0
     kafka_partitions: int = 16
     redis_url: str | None = None  # None: a private redis-server for the run

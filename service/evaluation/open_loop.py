@@ -4,7 +4,7 @@ Request i is due at ``start + i / rate``; its latency runs from that due time to
 answer, so time spent queued behind a slow answer (in the client, the network or the
 server) counts, and a stall cannot hide its own tail (no coordinated omission).
 A request that fails, or takes longer than ``timeout_s``, is an error and has no
-latency; the targets are below.
+latency (the timeouts among the errors are counted apart); the targets are below.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ class OpenLoopRun:
 
     latencies_ms: list[float]
     sent: int
-    errors: int
+    errors: int  # failed or timed out
+    timeouts: int  # no answer within timeout_s
     elapsed_s: float  # from the first due time to the last answer
 
 
@@ -43,14 +44,15 @@ async def open_loop(
 ) -> OpenLoopRun:
     """Send ``payloads[i]`` at ``start + i / rate``, each as its own task."""
     latencies: list[float] = []
-    errors = 0
+    errors = timeouts = 0
 
     async def one(payload: T, due_ns: int) -> None:
-        nonlocal errors
+        nonlocal errors, timeouts
         try:
             ok = await asyncio.wait_for(send(payload), timeout_s)
         except TimeoutError:
             ok = False
+            timeouts += 1
         if ok:
             latencies.append((time.perf_counter_ns() - due_ns) / 1e6)
         else:
@@ -69,7 +71,7 @@ async def open_loop(
     if tasks:
         await asyncio.wait(tasks)
     elapsed_s = (time.perf_counter_ns() - start_ns) / 1e9
-    return OpenLoopRun(latencies, len(payloads), errors, elapsed_s)
+    return OpenLoopRun(latencies, len(payloads), errors, timeouts, elapsed_s)
 
 
 class HttpPool:

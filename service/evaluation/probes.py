@@ -7,9 +7,9 @@ producer; one poller asks the API's batchGet for every user with an outstanding 
 every ``poll_s`` and resolves a probe when the served ``feature_version`` passes the
 one seen before it: an applied batch bumps the version, so the first such answer is
 the first served embedding that includes the event. A probe not served within
-``timeout_s`` is counted as a timeout, and its user continues from a fresh baseline
-(an event applied after its timeout could then end the next probe early: rare, and
-only after a timeout has already been reported).
+``timeout_s`` is counted as a timeout and its user is retired: the slot goes on with a
+new user id, never written before (baseline 0), so the late event of the timed-out
+probe cannot end the next probe early and pass for a fast one.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from service.kafka import KafkaEventSink
 
 MAX_GAP_S = 0.05  # random pause between a user's probes, so probes do not sync with batches
 VERSION_READ_ATTEMPTS = 5
+RETIRED_MARK = ".r"  # probe-3 -> probe-3.r1 -> probe-3.r2 after each timeout
 
 
 @dataclass(slots=True)
@@ -62,9 +63,7 @@ class Prober:
     ) -> None:
         self._sink = sink
         self._poll_http = KeepAliveHttp(api_port)
-        self._side_http = KeepAliveHttp(api_port)
-        self._side_lock = asyncio.Lock()
-        self._users = list(users)
+        self._users = list(users)  # one slot each; a slot's current user id changes on timeout
         self._poll_s = poll_s
         self._timeout_s = timeout_s
         self._rng = random.Random(seed)
@@ -86,7 +85,10 @@ class Prober:
         poller = asyncio.create_task(self._poll(), name="probe-poller")
         try:
             await asyncio.gather(
-                *(self._probe_loop(u, end, first_only, result) for u in self._users)
+                *(
+                    self._probe_loop(slot, end, first_only, result)
+                    for slot in range(len(self._users))
+                )
             )
         finally:
             poller.cancel()
@@ -95,11 +97,11 @@ class Prober:
 
     async def close(self) -> None:
         await self._poll_http.close()
-        await self._side_http.close()
 
-    async def _probe_loop(self, user: str, end: float, first_only: bool, result: ProbeRun) -> None:
+    async def _probe_loop(self, slot: int, end: float, first_only: bool, result: ProbeRun) -> None:
         loop = asyncio.get_running_loop()
         while first_only or time.monotonic() < end:
+            user = self._users[slot]
             if not first_only:
                 await asyncio.sleep(self._rng.uniform(0.0, MAX_GAP_S))
                 if time.monotonic() >= end:
@@ -114,13 +116,8 @@ class Prober:
             except TimeoutError:
                 result.timeouts += 1
                 self._outstanding.pop(user, None)
-                try:
-                    async with self._side_lock:
-                        (now_seen,) = (await self._versions([user], self._side_http)).values()
-                except RuntimeError:
-                    continue  # an overloaded API: keep the old baseline, the poller catches up
-                # the poller may have seen a newer answer meanwhile: never step back
-                self._seen[user] = max(self._seen.get(user, 0), now_seen)
+                self._users[slot] = _retired(user)
+                self._seen[self._users[slot]] = 0  # never written: no served version yet
             else:
                 result.latencies_ms.append((served_ns - probe.t0_ns) / 1e6)
             if first_only:
@@ -157,21 +154,25 @@ class Prober:
                 if probe is not None and not probe.served.done():
                     probe.served.set_result(seen_ns)
 
-    async def _versions(
-        self, users: Sequence[str], http: KeepAliveHttp | None = None
-    ) -> dict[str, int]:
+    async def _versions(self, users: Sequence[str]) -> dict[str, int]:
         request = batch_request(users, "base64_float16")
         answer = None
         for attempt in range(VERSION_READ_ATTEMPTS):
             # a keep-alive connection idle past the server's timeout fails once, then
             # reconnects; an overloaded API may need a moment
-            answer = await (http or self._poll_http).fetch(request)
+            answer = await self._poll_http.fetch(request)
             if answer is not None and answer[0] == 200:
                 return {
                     str(a["user_id"]): _version(a) for a in orjson.loads(answer[1])["embeddings"]
                 }
             await asyncio.sleep(0.05 * (attempt + 1))
         raise RuntimeError(f"batchGet of the probe users failed: {answer!r}")
+
+
+def _retired(user: str) -> str:
+    """The next id of a probe slot whose user timed out."""
+    base, mark, generation = user.partition(RETIRED_MARK)
+    return f"{base}{RETIRED_MARK}{int(generation) + 1 if mark else 1}"
 
 
 def _version(answer: dict[str, object]) -> int:

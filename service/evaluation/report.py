@@ -191,6 +191,7 @@ def _freshness_section(live: LiveResults, plots: dict[str, str]) -> list[str]:
             _rate(r.queue_growth_per_s),
             r.queue_depth_end,
             _ms(float(r.oldest_dirty_age_median_ms)),
+            _rate(r.kafka_lag_growth_per_s),
             r.kafka_lag_end,
             "yes" if r.keeps_up else "**no**: " + "; ".join(r.shortfalls),
         )
@@ -227,6 +228,7 @@ def _freshness_section(live: LiveResults, plots: dict[str, str]) -> list[str]:
                 "queue growth users/s",
                 "queue at end",
                 "oldest dirty ms (median)",
+                "Kafka lag growth ev/s",
                 "Kafka lag at end",
                 "keeps up",
             ),
@@ -452,7 +454,7 @@ def _reads_section(live: LiveResults, plots: dict[str, str]) -> list[str]:
                 r.target,
                 _rate(r.rate),
                 _rate(r.achieved_rate),
-                r.errors,
+                f"{r.errors} ({r.timeouts} timed out)" if r.errors else "0",
                 r.latency.count,
                 _ms(r.latency.p50_ms),
                 _ms(r.latency.p99_ms),
@@ -473,7 +475,8 @@ def _reads_section(live: LiveResults, plots: dict[str, str]) -> list[str]:
         "in the client counts), uniform over the background users: the API over HTTP "
         "(GET, keep-alive) and gRPC (GetEmbedding), and a raw Redis GET of the same record "
         "as the baseline. Idle: the pipeline is up but no events flow; then at each rate of "
-        "section 1, after its probe window, with the producer still running.",
+        "section 1, after its probe window, with the producer still running. An error is a "
+        f"failed read or one not answered within {c.get('read_timeout_s')} s.",
         "",
         _table(
             (
