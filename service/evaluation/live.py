@@ -303,7 +303,7 @@ async def _reads(config: LiveConfig, wiring: Wiring, rng: np.random.Generator) -
         )
         achieved = len(run.latencies_ms) / run.elapsed_s if run.elapsed_s > 0 else 0.0
         summary = LatencySummary.of(run.latencies_ms)
-        rows.append(ReadRow(target, config.read_rate, achieved, run.errors, run.timeouts, summary))
+        rows.append(ReadRow(target, config.read_rate, achieved, run.errors, summary))
     return rows
 
 

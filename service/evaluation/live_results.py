@@ -49,9 +49,12 @@ class ReadRow:
     target: str  # api-http | api-grpc | redis-get
     rate: float
     achieved_rate: float  # answered requests per second
-    errors: int  # failed or timed out
-    timeouts: int  # of the errors, no answer within the open-loop timeout
+    errors: dict[str, int]  # kind (timeout, bad answer, an exception's class) -> count
     latency: LatencySummary
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
 
 
 def read_row(rows: Sequence[ReadRow], target: str) -> ReadRow | None:

@@ -416,6 +416,14 @@ def _retrain_section(offline: OfflineResults, plots: dict[str, str]) -> list[str
     ]
 
 
+def _errors(kinds: dict[str, int]) -> str:
+    """``0``, or the count with its kinds: ``130 (ConnectionError 128, timeout 2)``."""
+    if not kinds:
+        return "0"
+    detail = ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items(), key=lambda k: -k[1]))
+    return f"{sum(kinds.values())} ({detail})"
+
+
 def _recovery(offline: OfflineResults) -> str:
     """How much of the AUC the frozen v1 ranker loses on unaligned v2 alignment wins back."""
     reference, unaligned, aligned, _ = (r.auc for r in offline.retrain)
@@ -454,7 +462,7 @@ def _reads_section(live: LiveResults, plots: dict[str, str]) -> list[str]:
                 r.target,
                 _rate(r.rate),
                 _rate(r.achieved_rate),
-                f"{r.errors} ({r.timeouts} timed out)" if r.errors else "0",
+                _errors(r.errors),
                 r.latency.count,
                 _ms(r.latency.p50_ms),
                 _ms(r.latency.p99_ms),

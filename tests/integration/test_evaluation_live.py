@@ -44,7 +44,7 @@ def check_reads(rows: list[ReadRow], rate: float) -> None:
         assert row.rate == rate and row.achieved_rate > 0
         check_latency(row.latency)
         if row.target != "redis-get":
-            assert row.errors == 0, row
+            assert row.error_count == 0, row
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
