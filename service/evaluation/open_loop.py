@@ -29,6 +29,7 @@ T = TypeVar("T")
 Send = Callable[[Any], Awaitable[bool]]
 WARM_UP_REQUESTS = 20
 IDLE_REUSE_S = 4.0  # below the server's keep-alive timeout
+MAX_REDIS_CONNECTIONS = 10_000  # redis-server's own default maxclients
 log = logging.getLogger(__name__)
 
 
@@ -137,7 +138,9 @@ async def read_target(
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             yield grpc_call(channel, GET_METHOD, pb.Embedding), _grpc_request
     elif target == "redis-get":
-        client = aioredis.Redis.from_url(redis_url)
+        # like HttpPool, a new connection whenever all are busy: redis-py's default pool
+        # (100 connections) fails reads with MaxConnectionsError after a 200 ms stall
+        client = aioredis.Redis.from_url(redis_url, max_connections=MAX_REDIS_CONNECTIONS)
         try:
             yield _redis_get(client), _redis_key
         finally:
