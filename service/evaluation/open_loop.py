@@ -29,7 +29,7 @@ T = TypeVar("T")
 Send = Callable[[Any], Awaitable[bool]]
 WARM_UP_REQUESTS = 20
 IDLE_REUSE_S = 4.0  # below the server's keep-alive timeout
-MAX_REDIS_CONNECTIONS = 10_000  # redis-server's own default maxclients
+MAX_REDIS_CONNECTIONS = 32  # the baseline's pool; a read waits for a free connection
 log = logging.getLogger(__name__)
 
 
@@ -138,9 +138,15 @@ async def read_target(
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             yield grpc_call(channel, GET_METHOD, pb.Embedding), _grpc_request
     elif target == "redis-get":
-        # like HttpPool, a new connection whenever all are busy: redis-py's default pool
-        # (100 connections) fails reads with MaxConnectionsError after a 200 ms stall
-        client = aioredis.Redis.from_url(redis_url, max_connections=MAX_REDIS_CONNECTIONS)
+        # A bounded pool that makes a read wait for a free connection (the wait counts,
+        # as queueing does). redis-py's default pool fails reads past 100 connections,
+        # and an unbounded one spirals: after a stall, the client spends its CPU opening
+        # connections (HELLO, CLIENT SETINFO) and falls seconds behind its schedule.
+        client = aioredis.Redis.from_pool(  # the client owns the pool and closes it
+            aioredis.BlockingConnectionPool.from_url(
+                redis_url, max_connections=MAX_REDIS_CONNECTIONS, timeout=None
+            )
+        )
         try:
             yield _redis_get(client), _redis_key
         finally:
