@@ -52,7 +52,7 @@ LOAD_CLIENTS  ?= 32
 load: $(STAMP)
 	LOCUST=$(BIN)/locust loadtests/run.sh $(LOAD_HOST) $(LOAD_DURATION) $(LOAD_CLIENTS) var/loadtest
 
-## The evaluation report: the whole pipeline on the synthetic world -> docs/report.md (~11 min on 2 cores).
+## The evaluation report: the whole pipeline on the synthetic world -> docs/report.md (~12 min on 2 cores).
 report: $(STAMP)
 	$(BIN)/userembed evaluate
 

@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="run the whole pipeline on the synthetic world and write docs/report.md",
         description="Freshness, its value, stabilization and read latency under load, "
-        "measured on this machine (about 11 min on 2 cores by default, 4 with --quick).",
+        "measured on this machine (about 12 min on 2 cores by default, 4 with --quick).",
     )
     size = evaluate.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the 'quick' preset: about 4 minutes")

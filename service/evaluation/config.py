@@ -72,7 +72,7 @@ class EvalConfig:
 
 
 def preset(name: Preset) -> EvalConfig:
-    """The configuration of a named preset: default (about 11 minutes on 2 cores),
+    """The configuration of a named preset: default (about 12 minutes on 2 cores),
     quick (about 4 minutes) or tiny (the test suite's smoke run, well under a minute)."""
     if name == "default":
         return EvalConfig()
