@@ -116,8 +116,7 @@ class Prober:
             except TimeoutError:
                 result.timeouts += 1
                 self._outstanding.pop(user, None)
-                self._users[slot] = _retired(user)
-                self._seen[self._users[slot]] = 0  # never written: no served version yet
+                self._users[slot] = _retired(user)  # never written: its baseline is 0
             else:
                 result.latencies_ms.append((served_ns - probe.t0_ns) / 1e6)
             if first_only:

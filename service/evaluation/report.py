@@ -9,7 +9,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from service.evaluation.live_results import MOCK_BROKER, LiveResults, ReadRow, read_row
+from service.evaluation.live_results import (
+    MOCK_BROKER,
+    READ_TARGETS,
+    LiveResults,
+    ReadRow,
+    read_row,
+)
 from service.evaluation.offline import OfflineResults
 from service.evaluation.plots import render_plots
 
@@ -151,22 +157,17 @@ def _summary(results: EvaluationResults) -> list[str]:
         # the busiest rate the pipeline sustains (else the lowest measured)
         kept = [r for r in live.rates if r.keeps_up]
         busiest = kept[-1] if kept else live.rates[0]
-        p99 = {
-            target: (read_row(live.idle_reads, target), read_row(busiest.reads, target))
-            for target in ("api-http", "api-grpc", "redis-get")
-        }
-        measured = {t: (i, b) for t, (i, b) in p99.items() if i is not None and b is not None}
-        if "api-http" in measured or "api-grpc" in measured:
-            lines.append(
-                f"- **Reads** (open loop, {_rate(live.config['read_rate'])} req/s), p99 idle -> "
-                f"with "
-                f"{_rate(busiest.offered_rate)} events/s flowing: "
-                + ", ".join(
-                    f"{target} {_ms(idle.latency.p99_ms)} -> {_ms(loaded.latency.p99_ms)} ms"
-                    for target, (idle, loaded) in measured.items()
-                )
-                + " (the raw Redis GET is the baseline: what the shared cores cost any reader)."
-            )
+        changes = []
+        for target in READ_TARGETS:
+            idle, loaded = read_row(live.idle_reads, target), read_row(busiest.reads, target)
+            if idle is not None and loaded is not None:
+                p99 = f"{_ms(idle.latency.p99_ms)} -> {_ms(loaded.latency.p99_ms)} ms"
+                changes.append(f"{target} {p99}")
+        lines.append(
+            f"- **Reads** (open loop, {_rate(live.config['read_rate'])} req/s), p99 idle -> "
+            f"with {_rate(busiest.offered_rate)} events/s flowing: {', '.join(changes)} "
+            "(the raw Redis GET is the baseline: what the shared cores cost any reader)."
+        )
     return lines or ["- (no section was run)"]
 
 
