@@ -41,9 +41,9 @@ validate-deploy: $(STAMP)
 bench-read: $(STAMP)
 	$(BIN)/userembed bench read
 
-## Regenerate the committed gRPC code from service/proto/userembed/v1/embeddings.proto.
+## Regenerate the committed gRPC code from service/api/proto/userembed/v1/embeddings.proto.
 proto: $(STAMP)
-	$(BIN)/python -m service.grpc_codegen
+	$(BIN)/python -m service.api.grpc_codegen
 
 ## Locust ranker load test against a running `userembed serve` (CSV + HTML in var/loadtest).
 LOAD_HOST     ?= http://127.0.0.1:8000

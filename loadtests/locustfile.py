@@ -28,13 +28,13 @@ from urllib.parse import urlsplit
 
 from locust import FastHttpUser, User, constant, events, task
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, for service.proto
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, for service.api.proto
 try:
     import grpc
     import grpc.experimental.gevent as grpc_gevent
 
-    from service.proto.userembed.v1 import embeddings_pb2 as pb
-    from service.proto.userembed.v1 import embeddings_pb2_grpc as pb_grpc
+    from service.api.proto.userembed.v1 import embeddings_pb2 as pb
+    from service.api.proto.userembed.v1 import embeddings_pb2_grpc as pb_grpc
 except ImportError:  # HTTP only
     grpc = None
 else:
@@ -98,7 +98,7 @@ class RankerGrpcUser(User):
 
     weight = 1
     wait_time = constant(0)
-    abstract = grpc is None  # not run where grpcio or service.proto is missing
+    abstract = grpc is None  # not run where grpcio or service.api.proto is missing
 
     def on_start(self) -> None:
         self.users = ZipfUsers(USERS, ZIPF_S, seed=id(self) & 0xFFFF)

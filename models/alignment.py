@@ -5,22 +5,17 @@ the parent's space would read nonsense. The orthogonal R minimizing
 ||X R - Y||_F (X = new, Y = parent embeddings of the same users) is U V^T from the
 SVD of X^T Y; being orthogonal it keeps norms and angles, so it only removes the
 arbitrary rotation, not what the new model learned.
+
+Pure math: embedding the sample users with both models is the caller's business
+(:func:`service.worker.alignment_fit.fit_to_parent`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-
-from service.tensors import InputSchema, assemble
-
-if TYPE_CHECKING:
-    from models.registry import ModelArtifact
-    from service.features import FeatureState
 
 FloatArray = npt.NDArray[np.floating]
 
@@ -57,20 +52,3 @@ def procrustes(new: FloatArray, parent: FloatArray) -> FittedAlignment:
         mean_cosine_before=mean_cosine(x, y),
         mean_cosine_after=mean_cosine(x @ rotation, y),
     )
-
-
-def fit_to_parent(
-    parent: ModelArtifact,
-    onnx_bytes: bytes,
-    schema: InputSchema,
-    states: Sequence[FeatureState],
-    now_ms: int,
-) -> FittedAlignment:
-    """Embed the same users with both models (each with its own schema) and fit R."""
-    from service.runtime import OnnxModelRuntime
-
-    new_runtime = OnnxModelRuntime(onnx_bytes, version="new", schema=schema, prefer_gpu=False)
-    old_runtime = OnnxModelRuntime.from_artifact(parent, prefer_gpu=False)
-    new = new_runtime.infer(assemble(states, now_ms, schema))
-    old = old_runtime.infer(assemble(states, now_ms, old_runtime.schema))
-    return procrustes(new, old)

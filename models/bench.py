@@ -17,8 +17,8 @@ import torch
 from models.examples import Examples
 from models.export import export_user_tower
 from models.user_tower import UserTower, to_torch
-from service.runtime import OnnxModelRuntime
-from service.tensors import Tensors
+from service.core.tensors import Tensors
+from service.worker.runtime import OnnxModelRuntime
 
 
 @dataclass(frozen=True, slots=True)

@@ -206,7 +206,7 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
     from models.examples import build_examples
     from models.user_tower import UserTower
     from models.world import World, WorldConfig
-    from service.tensors import InputSchema
+    from service.core.tensors import InputSchema
 
     torch.manual_seed(0)
     schema = InputSchema(history_length=args.history_length, item_buckets=10_007)

@@ -9,7 +9,7 @@ from pathlib import Path
 from models.examples import Examples, build_examples
 from models.logs import load_events
 from models.world import World, WorldConfig
-from service.tensors import InputSchema
+from service.core.tensors import InputSchema
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from service.events import Event, EventType, SourcedEvent
-from service.features import FeatureState, apply_events, hash_id
-from service.tensors import InputSchema, Tensors, assemble, bucket_ids
+from service.core.events import Event, EventType, SourcedEvent
+from service.core.features import FeatureState, apply_events, hash_id
+from service.core.tensors import InputSchema, Tensors, assemble, bucket_ids
 
 SESSION_GAP_MS: Final = 30 * 60_000
 Int64Array = npt.NDArray[np.int64]

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from models.user_tower import INPUT_NAMES, UserTower, to_torch
-from service.runtime import OnnxModelRuntime
-from service.tensors import Tensors
+from service.core.tensors import Tensors
+from service.worker.runtime import OnnxModelRuntime
 
 OPSET: Final = 17
 OUTPUT_NAME: Final = "embedding"

@@ -19,9 +19,9 @@ import numpy as np
 import numpy.typing as npt
 
 from models.examples import assemble_at, bucket
-from service.events import Event, EventType, SourcedEvent
-from service.features import FeatureState, apply_events
-from service.tensors import InputSchema, Tensors
+from service.core.events import Event, EventType, SourcedEvent
+from service.core.features import FeatureState, apply_events
+from service.core.tensors import InputSchema, Tensors
 
 CLICK_WINDOW_MS: Final = 60_000
 Int64Array = npt.NDArray[np.int64]

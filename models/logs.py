@@ -10,7 +10,7 @@ from pathlib import Path
 
 import msgspec
 
-from service.events import Event, EventRejected, convert_event
+from service.core.events import Event, EventRejected, convert_event
 
 # Logs are history: only the lower bound on ts matters, not 'now'.
 _FAR_FUTURE_MS = 2**62

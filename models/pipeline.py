@@ -13,9 +13,16 @@ import numpy.typing as npt
 from models.dataset import DataConfig, Dataset, load_dataset
 from models.examples import Examples
 from models.export import ExportedTower, cold_start_embedding, export_user_tower, torch_embed
-from models.registry import FP16_MODEL_FILE, ModelArtifact, current_version, publish
+from models.registry import (
+    FP16_MODEL_FILE,
+    ModelArtifact,
+    current_version,
+    load_artifact,
+    publish,
+)
 from models.train import ExampleTensors, TrainConfig, TrainResult, evaluate_probs, predict, train
 from models.user_tower import TowerConfig, UserTower
+from service.worker.alignment_fit import fit_to_parent
 
 log = logging.getLogger(__name__)
 ALIGNMENT_SAMPLE = 2_000
@@ -92,6 +99,15 @@ def publish_run(
     parent_version = current_version(registry) if parent == "auto" else parent
     recent = run.data.test.take(latest_per_user(run.data.test, ALIGNMENT_SAMPLE))
     extra = {FP16_MODEL_FILE: run.exported.fp16_bytes} if run.exported.fp16_bytes else {}
+    alignment = None
+    if parent_version is not None:
+        alignment = fit_to_parent(
+            load_artifact(registry, parent_version),
+            run.exported.onnx_bytes,
+            run.data.schema,
+            recent.states,
+            int(run.data.test.times.max()),
+        )
     return publish(
         registry,
         version=version,
@@ -104,8 +120,7 @@ def publish_run(
         training_metrics=manifest_metrics(run),
         details=_details(run),
         extra_files=extra,
-        alignment_states=recent.states if parent_version else None,
-        alignment_now_ms=int(run.data.test.times.max()),
+        alignment=alignment,
         make_current=make_current,
     )
 

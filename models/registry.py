@@ -25,20 +25,17 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 import onnx
 
-from service.tensors import InputSchema
-
-if TYPE_CHECKING:
-    from service.features import FeatureState
+from models.alignment import FittedAlignment
+from service.core.tensors import InputSchema
 
 CURRENT_FILE: Final = "CURRENT"
 MODEL_FILE: Final = "model.onnx"
@@ -285,14 +282,13 @@ def publish(
     make_current: bool = True,
     details: dict[str, object] | None = None,
     extra_files: dict[str, bytes] | None = None,
-    alignment_states: Sequence[FeatureState] | None = None,
-    alignment_now_ms: int = 0,
+    alignment: FittedAlignment | None = None,
 ) -> ModelArtifact:
     """Write a new version atomically and (by default) make it CURRENT.
 
-    With a ``parent_version`` and ``alignment_states`` (a sample of users), also fit
-    the orthogonal map from this version's embeddings onto the parent's and store it
-    as alignment.npy with the drift it removes (see :mod:`models.alignment`).
+    With a ``parent_version`` and the ``alignment`` fitted onto it (the orthogonal map
+    from this version's embeddings onto the parent's, see :mod:`models.alignment`),
+    also store it as alignment.npy with the drift it removes.
     """
     check_version_name(version)
     root.mkdir(parents=True, exist_ok=True)
@@ -303,21 +299,17 @@ def publish(
     for name in files:
         if name in (MODEL_FILE, MANIFEST_FILE, ALIGNMENT_FILE) or "/" in name:
             raise RegistryError(f"extra file name {name!r} is reserved or not a plain name")
-    alignment = None
-    if parent_version is not None and alignment_states is not None:
-        from models.alignment import fit_to_parent
-
-        fitted = fit_to_parent(
-            load_artifact(root, parent_version),
-            onnx_bytes,
-            schema,
-            alignment_states,
-            alignment_now_ms,
-        )
+    stored_alignment = None
+    if alignment is not None:
+        if parent_version is None:
+            raise RegistryError(
+                f"model {version}: an alignment needs the parent_version it maps onto"
+            )
+        fitted = alignment
         buffer = io.BytesIO()
         np.save(buffer, fitted.rotation.astype(np.float32), allow_pickle=False)
         files[ALIGNMENT_FILE] = buffer.getvalue()
-        alignment = Alignment(
+        stored_alignment = Alignment(
             parent_version=parent_version,
             file=ALIGNMENT_FILE,
             sha256=hashlib.sha256(files[ALIGNMENT_FILE]).hexdigest(),
@@ -337,7 +329,7 @@ def publish(
         kind=kind,
         training_metrics=dict(training_metrics or {}),
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        alignment=alignment,
+        alignment=stored_alignment,
         details=dict(details or {}),
         files={
             name: hashlib.sha256(data).hexdigest()

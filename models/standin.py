@@ -15,10 +15,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.registry import ModelArtifact, publish
-from service.features import FeatureState
-from service.runtime import OnnxModelRuntime
-from service.tensors import InputSchema, assemble
+from models.registry import ModelArtifact, load_artifact, publish
+from service.core.features import FeatureState
+from service.core.tensors import InputSchema, assemble
+from service.worker.alignment_fit import fit_to_parent
+from service.worker.runtime import OnnxModelRuntime
 
 OPSET = 17
 _ONNX_TYPES = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
@@ -111,6 +112,15 @@ def publish_standin(
     # The stand-in has no population to average over: its cold start is the model's
     # answer for a user with no history at all.
     cold_start = runtime.infer(assemble([FeatureState.empty()], 0, schema))[0]
+    alignment = None
+    if parent_version is not None and alignment_states is not None:
+        alignment = fit_to_parent(
+            load_artifact(root, parent_version),
+            onnx_bytes,
+            schema,
+            alignment_states,
+            max((st.last_event_ms for st in alignment_states), default=0),
+        )
     return publish(
         root,
         version=version,
@@ -120,7 +130,6 @@ def publish_standin(
         cold_start_embedding=cold_start.tolist(),
         kind="standin",
         parent_version=parent_version,
-        alignment_states=alignment_states,
-        alignment_now_ms=max((st.last_event_ms for st in alignment_states or ()), default=0),
+        alignment=alignment,
         make_current=make_current,
     )

@@ -15,7 +15,7 @@ from models.examples import Examples, shown_pairs
 from models.metrics import auc, normalized_entropy
 from models.mix_tower import MixTower, multitask_loss, retrieval_loss
 from models.user_tower import INPUT_NAMES, TowerConfig, UserTower
-from service.tensors import InputSchema
+from service.core.tensors import InputSchema
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """SUM-style user tower: many heterogeneous user features in, one compact embedding out.
 
-Inputs are exactly the tensors of ``service.tensors.assemble`` (the worker's), so
+Inputs are exactly the tensors of ``service.core.tensors.assemble`` (the worker's), so
 training and serving cannot disagree. Sparse history (item, category, event type,
 age of each of the last L events, padding mask) goes through a masked
 self-attention encoder: interests drift and jump, so *which* recent events matter
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.tensors import InputSchema
+from service.core.tensors import InputSchema
 
 Encoder = Literal["attention", "pool", "none"]
 INPUT_NAMES = ("item_ids", "category_ids", "event_types", "ages", "mask", "counters")

@@ -18,7 +18,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from service.events import Event, EventType
+from service.core.events import Event, EventType
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]

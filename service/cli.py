@@ -34,8 +34,8 @@ def _settings(overrides: dict[str, Any]) -> Settings:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
+    from service.api.server import run_loop
     from service.demo import run_demo
-    from service.server import run_loop
 
     settings = _settings(
         {
@@ -51,7 +51,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def _serve_ops(settings: Settings, ready: Callable[[], bool]) -> None:
     """/metrics, /healthz, /readyz of a non-HTTP role (ingest, worker) on ``metrics_port``."""
-    from service.ops_server import serve_ops
+    from service.api.ops_server import serve_ops
 
     if settings.metrics_port:
         serve_ops(settings.api_host, settings.metrics_port, ready)
@@ -61,14 +61,14 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     """HTTP and gRPC read APIs in one process, sharing one reader (refreshes, cache)."""
     import gc
 
-    from service.api import create_app
-    from service.cold_start import RegistryColdStart
-    from service.grpc_api import start_grpc_server
-    from service.http_protocol import JoinedWritesHttpToolsProtocol
-    from service.kafka import KafkaEventSink
-    from service.reads import EmbeddingReader
-    from service.server import EmbeddedServer, http_config, install_stop_handlers, run_loop
-    from service.store import open_store
+    from service.api.app import create_app
+    from service.api.cold_start import RegistryColdStart
+    from service.api.grpc_service import start_grpc_server
+    from service.api.http_protocol import JoinedWritesHttpToolsProtocol
+    from service.api.reads import EmbeddingReader
+    from service.api.server import EmbeddedServer, http_config, install_stop_handlers, run_loop
+    from service.ingest.kafka import KafkaEventSink
+    from service.store.connect import open_store
 
     settings = _settings(
         {"api_host": args.host, "api_port": args.port, "grpc_port": args.grpc_port}
@@ -115,9 +115,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace) -> None:
-    from service.server import install_stop_handlers, run_loop
-    from service.store import open_store
-    from service.worker_role import WorkerRole
+    from service.api.server import install_stop_handlers, run_loop
+    from service.store.connect import open_store
+    from service.worker.role import WorkerRole
 
     settings = _settings({})
     if settings.redis_url.startswith("memory://"):
@@ -140,10 +140,10 @@ def _cmd_worker(args: argparse.Namespace) -> None:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> None:
-    from service.ingest import FeatureUpdater, run_ingest
-    from service.kafka import KafkaEventSource
-    from service.server import install_stop_handlers, run_loop
-    from service.store import open_store
+    from service.api.server import install_stop_handlers, run_loop
+    from service.ingest.kafka import KafkaEventSource
+    from service.ingest.updater import FeatureUpdater, run_ingest
+    from service.store.connect import open_store
 
     settings = _settings({"metrics_port": args.metrics_port})
     if settings.redis_url.startswith("memory://"):
@@ -178,7 +178,7 @@ def _cmd_ingest(args: argparse.Namespace) -> None:
 
 
 def _cmd_produce(args: argparse.Namespace) -> None:
-    from service.produce import ProduceConfig, run_producer
+    from service.ingest.produce import ProduceConfig, run_producer
 
     config = ProduceConfig(
         rate=args.rate,
@@ -220,8 +220,8 @@ def _cmd_init_registry(args: argparse.Namespace) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
-    from service.events import user_id_problem
-    from service.store import open_store
+    from service.core.events import user_id_problem
+    from service.store.connect import open_store
 
     problem = user_id_problem(args.user_id)
     if problem:
@@ -267,7 +267,7 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench_read(args: argparse.Namespace) -> None:
-    from service.bench import BenchConfig, run_read_bench
+    from service.bench.read import BenchConfig, run_read_bench
 
     config = BenchConfig(
         redis_url=args.redis_url,
@@ -280,7 +280,7 @@ def _cmd_bench_read(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench_ingest(args: argparse.Namespace) -> None:
-    from service.bench_ingest import IngestBenchConfig, run_ingest_bench
+    from service.bench.ingest import IngestBenchConfig, run_ingest_bench
 
     run_ingest_bench(
         IngestBenchConfig(
@@ -294,7 +294,7 @@ def _cmd_bench_ingest(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench_worker(args: argparse.Namespace) -> None:
-    from service.bench_worker import WorkerBenchConfig, run_worker_bench
+    from service.bench.worker import WorkerBenchConfig, run_worker_bench
 
     run_worker_bench(
         WorkerBenchConfig(

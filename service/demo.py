@@ -15,16 +15,17 @@ from typing import TextIO
 
 from models.default import ensure_default_model
 from models.world import World, WorldConfig
-from service.api import create_app
-from service.clock import now_ms, sleep_unless_stopped
-from service.cold_start import RegistryColdStart
-from service.ingest import FeatureUpdater, InProcessEventSource, run_ingest
-from service.runtime import OnnxModelRuntime
-from service.server import EmbeddedServer, http_config, install_stop_handlers
+from service.api.app import create_app
+from service.api.cold_start import RegistryColdStart
+from service.api.server import EmbeddedServer, http_config, install_stop_handlers
+from service.core.clock import now_ms, sleep_unless_stopped
+from service.ingest.synthetic import EventGenerator
+from service.ingest.updater import FeatureUpdater, InProcessEventSource, run_ingest
 from service.settings import Settings
-from service.store import Store, open_store
-from service.synthetic import EventGenerator
-from service.worker import EmbeddingWorker, WorkerConfig
+from service.store.connect import open_store
+from service.store.protocol import Store
+from service.worker.embedding_worker import EmbeddingWorker, WorkerConfig
+from service.worker.runtime import OnnxModelRuntime
 
 log = logging.getLogger(__name__)
 

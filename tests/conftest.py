@@ -14,8 +14,10 @@ from hypothesis import settings as hypothesis_settings
 
 from models.registry import ModelArtifact
 from models.standin import publish_standin
-from service.redis_server import private_redis
-from service.store import MemoryStore, RedisStore, Store
+from service.store.memory import MemoryStore
+from service.store.protocol import Store
+from service.store.redis import RedisStore
+from service.store.redis_server import private_redis
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from service.events import Event, EventType, SourcedEvent
+from service.core.events import Event, EventType, SourcedEvent
 
 BASE_TS = 1_760_000_000_000  # 2025-10-09, a fixed 'now' for pure tests
 _ids = itertools.count()

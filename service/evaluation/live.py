@@ -55,7 +55,9 @@ import uvloop
 
 from models.default import DEFAULT_REGISTRY, DEFAULT_VERSION
 from models.registry import install, load_artifact
-from service.clock import now_ms
+from service.bench.provenance import commit_id
+from service.core.clock import now_ms
+from service.core.events import Event, EventType, encode_event
 from service.evaluation.config import LiveConfig
 from service.evaluation.live_results import (
     MOCK_BROKER,
@@ -82,12 +84,10 @@ from service.evaluation.pipeline import (
     total,
 )
 from service.evaluation.probes import Prober
-from service.events import Event, EventType, encode_event
-from service.kafka import KafkaEventSink
-from service.kafka_mock import mock_kafka_cluster
-from service.provenance import commit_id
-from service.redis_server import private_redis
-from service.store import RedisStore
+from service.ingest.kafka import KafkaEventSink
+from service.ingest.mock_broker import mock_kafka_cluster
+from service.store.redis import RedisStore
+from service.store.redis_server import private_redis
 
 __all__ = ["READ_TARGETS", "LatencySummary", "LiveResults", "RateResult", "ReadRow", "run_live"]
 Progress = Callable[[str, float], None]

@@ -29,11 +29,11 @@ from models.pipeline import RunConfig, TrainingRun, publish_run, run_training
 from models.registry import load_manifest
 from models.train import TrainConfig
 from models.world import DAY_MS, World, WorldConfig
+from service.core.events import Event
+from service.core.stabilization import StabilizationConfig, stabilize
+from service.core.tensors import InputSchema
 from service.evaluation.config import STALENESS_MS, OfflineConfig
-from service.events import Event
-from service.serving_model import ServingModel, load_serving_model
-from service.stabilization import StabilizationConfig, stabilize
-from service.tensors import InputSchema
+from service.worker.serving_model import ServingModel, load_serving_model
 
 log = logging.getLogger(__name__)
 Float32Array = npt.NDArray[np.float32]

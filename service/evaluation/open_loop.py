@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import grpc
 import redis.asyncio as aioredis
 
-from service.bench import GET_METHOD, KeepAliveHttp, grpc_call
-from service.proto.userembed.v1 import embeddings_pb2 as pb
+from service.api.proto.userembed.v1 import embeddings_pb2 as pb
+from service.bench.read import GET_METHOD, KeepAliveHttp, grpc_call
 
 T = TypeVar("T")
 Send = Callable[[Any], Awaitable[bool]]

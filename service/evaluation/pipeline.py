@@ -29,8 +29,8 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.redis_server import free_port
 from service.settings import Settings
+from service.store.redis_server import free_port
 
 READY_TIMEOUT_S = 90.0  # a cold start of the worker (ONNX load + warm-up) on a busy machine
 STOP_GRACE_S = 10.0

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from service.bench import KeepAliveHttp, batch_request
-from service.clock import now_ms
-from service.events import Event, EventType, encode_event
-from service.kafka import KafkaEventSink
+from service.bench.read import KeepAliveHttp, batch_request
+from service.core.clock import now_ms
+from service.core.events import Event, EventType, encode_event
+from service.ingest.kafka import KafkaEventSink
 
 MAX_GAP_S = 0.05  # random pause between a user's probes, so probes do not sync with batches
 VERSION_READ_ATTEMPTS = 5

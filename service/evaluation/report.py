@@ -362,7 +362,7 @@ def _stabilization_section(offline: OfflineResults, plots: dict[str, str]) -> li
         "Each user's impressions of the last day are served in order, each from the "
         "embedding computed fresh just before it; with stabilization on, the served vector "
         "moves from the previous serve towards the fresh one as the worker does it "
-        f"(`service/stabilization.py`, min weight {s['min_weight']}, max step "
+        f"(`service/core/stabilization.py`, min weight {s['min_weight']}, max step "
         f"{s['max_step']} rad; docs/stabilization.md). Jitter is 1 - cosine between "
         "consecutive serves of a user; the frozen ranker (trained on raw embeddings) scores "
         "the served vectors.",

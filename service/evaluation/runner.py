@@ -11,9 +11,9 @@ from typing import Final, Literal
 
 from tqdm import tqdm
 
+from service.bench.provenance import commit_id, machine
 from service.evaluation.config import EvalConfig
 from service.evaluation.report import EvaluationResults, write_report
-from service.provenance import commit_id, machine
 
 Part = Literal["live", "offline"]
 PARTS: Final[tuple[Part, ...]] = ("live", "offline")

@@ -225,7 +225,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("is_ready", [True, False])
 def test_healthcheck_script_reports_readiness(is_ready: bool) -> None:
-    from service.ops_server import serve_ops
+    from service.api.ops_server import serve_ops
 
     port = _free_port()
     server = serve_ops("127.0.0.1", port, lambda: is_ready)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from service.provenance import commit_id
+from service.bench.provenance import commit_id
 
 SECTIONS = (
     "## 1. Freshness",

@@ -15,11 +15,11 @@ import httpx
 import pytest
 
 from models.registry import ModelArtifact
-from service.clock import now_ms
-from service.events import EventType
-from service.ingest import FeatureUpdater
-from service.redis_server import free_port
-from service.store import RedisStore
+from service.core.clock import now_ms
+from service.core.events import EventType
+from service.ingest.updater import FeatureUpdater
+from service.store.redis import RedisStore
+from service.store.redis_server import free_port
 from tests.helpers import event, log_of
 from tests.processes import userembed, wait_for
 

@@ -16,12 +16,12 @@ import pytest
 
 from models.registry import ModelArtifact, install
 from models.standin import publish_standin
-from service.clock import now_ms
-from service.embeddings import EmbeddingRecord
-from service.features import FeatureState
-from service.ingest import FeatureUpdater
-from service.redis_server import free_port
-from service.store import RedisStore
+from service.core.clock import now_ms
+from service.core.embeddings import EmbeddingRecord
+from service.core.features import FeatureState
+from service.ingest.updater import FeatureUpdater
+from service.store.redis import RedisStore
+from service.store.redis_server import free_port
 from tests.helpers import event, log_of
 from tests.processes import Role, userembed, wait_for
 

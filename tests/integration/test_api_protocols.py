@@ -18,15 +18,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
-from service.api import create_app
-from service.cold_start import ColdStart
-from service.embeddings import EmbeddingRecord
-from service.grpc_api import start_grpc_server
-from service.proto.userembed.v1 import embeddings_pb2 as pb
-from service.proto.userembed.v1 import embeddings_pb2_grpc as pb_grpc
-from service.reads import EmbeddingReader
+from service.api.app import create_app
+from service.api.cold_start import ColdStart
+from service.api.grpc_service import start_grpc_server
+from service.api.proto.userembed.v1 import embeddings_pb2 as pb
+from service.api.proto.userembed.v1 import embeddings_pb2_grpc as pb_grpc
+from service.api.reads import EmbeddingReader
+from service.core.embeddings import EmbeddingRecord
 from service.settings import Settings
-from service.store import DIRTY_KEY, RedisStore
+from service.store.keys import DIRTY_KEY
+from service.store.redis import RedisStore
 from tests.helpers import BASE_TS
 
 pytestmark = [pytest.mark.redis]

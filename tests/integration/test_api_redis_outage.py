@@ -15,16 +15,16 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from service.api import create_app
-from service.cold_start import ColdStart
-from service.embeddings import EmbeddingRecord
-from service.grpc_api import start_grpc_server
-from service.proto.userembed.v1 import embeddings_pb2 as pb
-from service.proto.userembed.v1 import embeddings_pb2_grpc as pb_grpc
-from service.reads import EmbeddingReader
-from service.redis_server import free_port, private_redis
+from service.api.app import create_app
+from service.api.cold_start import ColdStart
+from service.api.grpc_service import start_grpc_server
+from service.api.proto.userembed.v1 import embeddings_pb2 as pb
+from service.api.proto.userembed.v1 import embeddings_pb2_grpc as pb_grpc
+from service.api.reads import EmbeddingReader
+from service.core.embeddings import EmbeddingRecord
 from service.settings import Settings
-from service.store import RedisStore
+from service.store.redis import RedisStore
+from service.store.redis_server import free_port, private_redis
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

@@ -16,15 +16,16 @@ import numpy as np
 import pytest
 import redis
 
-from service.api import create_app
-from service.cold_start import ColdStart
-from service.embeddings import EmbeddingRecord, encode_embedding
-from service.http_protocol import JoinedWritesHttpToolsProtocol
-from service.ingest import InProcessEventSource
-from service.redis_server import free_port
-from service.server import EmbeddedServer, http_config
+from service.api.app import create_app
+from service.api.cold_start import ColdStart
+from service.api.http_protocol import JoinedWritesHttpToolsProtocol
+from service.api.server import EmbeddedServer, http_config
+from service.core.embeddings import EmbeddingRecord, encode_embedding
+from service.ingest.updater import InProcessEventSource
 from service.settings import Settings
-from service.store import RedisStore, embedding_key
+from service.store.keys import embedding_key
+from service.store.redis import RedisStore
+from service.store.redis_server import free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

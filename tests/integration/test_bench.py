@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from service.bench import BenchConfig, run_read_bench
+from service.bench.read import BenchConfig, run_read_bench
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 

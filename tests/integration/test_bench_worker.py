@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.bench_worker import STAGES, WorkerBenchConfig, run_worker_bench
+from service.bench.worker import STAGES, WorkerBenchConfig, run_worker_bench
 
 
 def test_worker_bench_prints_every_mode_with_a_stage_split(

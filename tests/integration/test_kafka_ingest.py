@@ -20,17 +20,17 @@ import redis
 from confluent_kafka import Consumer, Producer
 from prometheus_client import REGISTRY
 
-from service.api import create_app
-from service.clock import now_ms
-from service.events import Event, SourcedEvent, encode_event
-from service.features import FeatureState, apply_events
-from service.ingest import FeatureUpdater, run_ingest
-from service.kafka import DLQ_REASON_HEADER, KafkaEventSink, KafkaEventSource
-from service.kafka_mock import mock_kafka_cluster
-from service.redis_server import private_redis
+from service.api.app import create_app
+from service.core.clock import now_ms
+from service.core.events import Event, SourcedEvent, encode_event
+from service.core.features import FeatureState, apply_events
+from service.ingest.kafka import DLQ_REASON_HEADER, KafkaEventSink, KafkaEventSource
+from service.ingest.mock_broker import mock_kafka_cluster
+from service.ingest.synthetic import MALFORMED_KINDS, SyntheticTraffic, malformed_payload
+from service.ingest.updater import FeatureUpdater, run_ingest
 from service.settings import Settings
-from service.store import RedisStore
-from service.synthetic import MALFORMED_KINDS, SyntheticTraffic, malformed_payload
+from service.store.redis import RedisStore
+from service.store.redis_server import private_redis
 from tests.processes import userembed, wait_for
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from models.registry import ModelArtifact
-from service.redis_server import free_port
+from service.store.redis_server import free_port
 from tests.processes import userembed, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]

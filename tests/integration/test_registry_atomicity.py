@@ -9,7 +9,7 @@ import pytest
 
 from models.registry import RegistryError, list_versions, load_artifact, publish
 from models.standin import build_standin
-from service.tensors import InputSchema
+from service.core.tensors import InputSchema
 
 SCHEMA = InputSchema(history_length=4, item_buckets=2_003, category_buckets=11)
 

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import redis
 
-from service.embeddings import EmbeddingRecord
-from service.features import FeatureState, apply_events
-from service.redis_server import free_port
-from service.store import RedisStore, Store, StoreUnavailable, feature_key
+from service.core.embeddings import EmbeddingRecord
+from service.core.features import FeatureState, apply_events
+from service.store.keys import feature_key
+from service.store.protocol import Store, StoreUnavailable
+from service.store.redis import RedisStore
+from service.store.redis_server import free_port
 from tests.helpers import BASE_TS, event, log_of
 
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api import create_app
-from service.cold_start import ColdStart
-from service.embeddings import EmbeddingRecord
-from service.ingest import InProcessEventSource
-from service.refresh import RefreshRequester
+from service.api.app import create_app
+from service.api.cold_start import ColdStart
+from service.api.refresh import RefreshRequester
+from service.core.embeddings import EmbeddingRecord
+from service.ingest.updater import InProcessEventSource
 from service.settings import Settings
-from service.store import MemoryStore
+from service.store.memory import MemoryStore
 from tests.helpers import BASE_TS
 
 COLD = ColdStart(np.full(4, 0.5, dtype=np.float32), "m1")
@@ -301,7 +301,7 @@ def test_request_ids_are_echoed_or_made(client: TestClient) -> None:
 def test_request_id_appears_in_failure_logs(
     client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level("DEBUG", logger="service.api"):
+    with caplog.at_level("DEBUG", logger="service.api.app"):
         client.get("/v1/users/a%20b/embedding", headers={"X-Request-ID": "trace-7"})
     assert any(
         "request_id=trace-7" in r.getMessage() and "invalid_user_id" in r.getMessage()

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.embeddings import (
+from service.core.embeddings import (
     EmbeddingDecodeError,
     EmbeddingRecord,
     decode_embedding,

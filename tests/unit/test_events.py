@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.events import (
+from service.core.events import (
     MIN_TS_MS,
     Event,
     EventRejected,

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.events import EventType
-from service.features import (
+from service.core.events import EventType
+from service.core.features import (
     HALF_LIVES_MS,
     FeatureDecodeError,
     FeatureState,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.grpc_codegen import GENERATED, ROOT, stale_files
+from service.api.grpc_codegen import GENERATED, ROOT, stale_files
 
 
 def test_generated_grpc_code_is_current() -> None:

@@ -11,15 +11,15 @@ from prometheus_client import REGISTRY
 
 from models.registry import ModelArtifact, install
 from models.standin import publish_standin
-from service.embeddings import EmbeddingRecord
-from service.features import FeatureState
-from service.model_watch import ModelLoader, ModelWatcher, reembed_active
-from service.ops_server import serve_ops
-from service.redis_server import free_port
-from service.serving_model import ServingModel, load_serving_model
+from service.api.ops_server import serve_ops
+from service.core.embeddings import EmbeddingRecord
+from service.core.features import FeatureState
 from service.settings import Settings
-from service.store import MemoryStore
-from service.worker_role import WorkerRole
+from service.store.memory import MemoryStore
+from service.store.redis_server import free_port
+from service.worker.model_watch import ModelLoader, ModelWatcher, reembed_active
+from service.worker.role import WorkerRole
+from service.worker.serving_model import ServingModel, load_serving_model
 from tests.helpers import BASE_TS
 
 

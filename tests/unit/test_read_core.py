@@ -9,13 +9,14 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from service.cold_start import ColdStart
-from service.embeddings import EmbeddingRecord
-from service.hot_cache import HotCache
-from service.read_coalescer import ReadCoalescer
-from service.reads import EmbeddingReader, ReadError
-from service.refresh import RefreshRequester
-from service.store import MemoryStore, StoreUnavailable
+from service.api.coalescer import ReadCoalescer
+from service.api.cold_start import ColdStart
+from service.api.hot_cache import HotCache
+from service.api.reads import EmbeddingReader, ReadError
+from service.api.refresh import RefreshRequester
+from service.core.embeddings import EmbeddingRecord
+from service.store.memory import MemoryStore
+from service.store.protocol import StoreUnavailable
 from tests.helpers import BASE_TS
 
 

@@ -17,9 +17,9 @@ from models.registry import (
     publish,
 )
 from models.standin import build_standin, publish_standin
-from service.features import FeatureState, apply_events
-from service.runtime import CPU, CUDA, OnnxModelRuntime, choose_providers, to_fp16
-from service.tensors import InputSchema, assemble
+from service.core.features import FeatureState, apply_events
+from service.core.tensors import InputSchema, assemble
+from service.worker.runtime import CPU, CUDA, OnnxModelRuntime, choose_providers, to_fp16
 from tests.helpers import BASE_TS, event, log_of
 
 

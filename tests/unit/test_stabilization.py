@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from service.stabilization import StabilizationConfig, fresh_weight, stabilize
+from service.core.stabilization import StabilizationConfig, fresh_weight, stabilize
 
 DIM = 8
 finite = st.floats(-10, 10, allow_nan=False, width=32)

@@ -4,9 +4,9 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.events import EventType
-from service.features import FeatureState, apply_events, counters_at
-from service.tensors import InputSchema, assemble, bucket_ids
+from service.core.events import EventType
+from service.core.features import FeatureState, apply_events, counters_at
+from service.core.tensors import InputSchema, assemble, bucket_ids
 from tests.helpers import BASE_TS, event, log_of
 
 HOUR = 3_600_000

@@ -8,14 +8,14 @@ import pytest
 
 from models.registry import ModelArtifact, install
 from models.standin import publish_standin
-from service.embeddings import EmbeddingRecord
-from service.ingest import FeatureUpdater
-from service.runtime import ModelRuntime, OnnxModelRuntime
-from service.serving_model import ServingModel, load_serving_model
-from service.stabilization import StabilizationConfig
-from service.store import MemoryStore
-from service.tensors import InputSchema, Tensors, assemble
-from service.worker import EmbeddingWorker, WorkerConfig
+from service.core.embeddings import EmbeddingRecord
+from service.core.stabilization import StabilizationConfig
+from service.core.tensors import InputSchema, Tensors, assemble
+from service.ingest.updater import FeatureUpdater
+from service.store.memory import MemoryStore
+from service.worker.embedding_worker import EmbeddingWorker, WorkerConfig
+from service.worker.runtime import ModelRuntime, OnnxModelRuntime
+from service.worker.serving_model import ServingModel, load_serving_model
 from tests.helpers import BASE_TS, event, log_of
 
 NOW = BASE_TS + 1000

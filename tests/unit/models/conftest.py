@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,12 @@ import torch
 
 from models.dataset import DataConfig, Dataset, load_dataset
 from models.export import export_user_tower, torch_embed
-from models.registry import ModelArtifact, publish
+from models.registry import ModelArtifact, load_artifact, publish
 from models.train import TrainConfig, TrainResult, train
 from models.user_tower import TowerConfig
 from models.world import WorldConfig
+from service.core.features import FeatureState
+from service.worker.alignment_fit import fit_to_parent
 
 TINY_WORLD = WorldConfig(users=60, items=400, categories=10, days=4, seed=3)
 TINY_TOWER = TowerConfig(embed_dim=16, heads=2, mlp=(32,), output_dim=16)
@@ -33,11 +36,27 @@ def tiny_trained(tiny_data: Dataset) -> TrainResult:
 
 
 def publish_trained(
-    root: Path, trained: TrainResult, data: Dataset, version: str, **publish_args: Any
+    root: Path,
+    trained: TrainResult,
+    data: Dataset,
+    version: str,
+    *,
+    alignment_states: Sequence[FeatureState] | None = None,
+    alignment_now_ms: int = 0,
+    **publish_args: Any,
 ) -> ModelArtifact:
-    """Export a trained tower and publish it, as the training pipeline does."""
+    """Export a trained tower and publish it, as the training pipeline does (aligned onto
+    ``parent_version`` when ``alignment_states`` are given)."""
     tower = trained.model.user_tower
     exported = export_user_tower(tower, data.test.features)
+    if alignment_states is not None:
+        publish_args["alignment"] = fit_to_parent(
+            load_artifact(root, publish_args["parent_version"]),
+            exported.onnx_bytes,
+            data.schema,
+            alignment_states,
+            alignment_now_ms,
+        )
     return publish(
         root,
         version=version,

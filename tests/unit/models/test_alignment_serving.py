@@ -10,8 +10,8 @@ import torch
 from models.alignment import mean_cosine
 from models.dataset import Dataset
 from models.train import TrainConfig, TrainResult, train
-from service.serving_model import load_serving_model
-from service.tensors import assemble
+from service.core.tensors import assemble
+from service.worker.serving_model import load_serving_model
 from tests.unit.models.conftest import TINY_TOWER, publish_trained
 
 

@@ -22,8 +22,8 @@ from models.registry import (
 )
 from models.standin import publish_standin
 from models.train import TrainResult
-from service.runtime import OnnxModelRuntime
-from service.tensors import InputSchema
+from service.core.tensors import InputSchema
+from service.worker.runtime import OnnxModelRuntime
 from tests.unit.models.conftest import publish_trained
 
 

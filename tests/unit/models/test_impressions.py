@@ -7,9 +7,9 @@ import numpy as np
 from models.examples import bucket
 from models.impressions import embed_as_of, impressions_from_events
 from models.world import World, WorldConfig
-from service.events import Event, EventType, SourcedEvent
-from service.features import FeatureState, apply_events
-from service.tensors import InputSchema, Tensors, assemble
+from service.core.events import Event, EventType, SourcedEvent
+from service.core.features import FeatureState, apply_events
+from service.core.tensors import InputSchema, Tensors, assemble
 
 SCHEMA = InputSchema(history_length=8, item_buckets=101, category_buckets=11)
 

@@ -8,10 +8,10 @@ from models.examples import build_examples
 from models.export import export_user_tower, torch_embed
 from models.train import TrainResult
 from models.world import World
-from service.events import SourcedEvent
-from service.features import FeatureState, apply_events, decode_features, encode_features
-from service.runtime import OnnxModelRuntime
-from service.tensors import assemble
+from service.core.events import SourcedEvent
+from service.core.features import FeatureState, apply_events, decode_features, encode_features
+from service.core.tensors import assemble
+from service.worker.runtime import OnnxModelRuntime
 from tests.unit.models.conftest import TINY_DATA
 
 

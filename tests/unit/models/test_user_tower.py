@@ -5,8 +5,8 @@ import torch
 
 from models.dataset import Dataset
 from models.user_tower import TowerConfig, UserTower, to_torch
-from service.features import FeatureState
-from service.tensors import InputSchema, assemble
+from service.core.features import FeatureState
+from service.core.tensors import InputSchema, assemble
 from tests.unit.models.conftest import TINY_TOWER
 
 SCHEMA = InputSchema(history_length=12, item_buckets=503, category_buckets=31)

@@ -9,7 +9,7 @@ import pytest
 
 from models.logs import load_events, write_jsonl
 from models.world import DAY_MS, World, WorldConfig
-from service.events import EventType, validate_event
+from service.core.events import EventType, validate_event
 
 SMALL = WorldConfig(users=20, items=100, categories=5, days=2, seed=11)
 

@@ -1,0 +1,255 @@
+"""The read API over gRPC (grpc.aio): the same :class:`EmbeddingReader` as HTTP.
+
+``userembed.v1.Embeddings`` (service/api/proto/userembed/v1/embeddings.proto) with the
+standard health service and server reflection. Vectors travel as packed
+little-endian bytes. API keys are checked from the ``authorization: Bearer <key>``
+metadata; a request id is taken from ``x-request-id`` (or made) and returned in
+the trailing metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.api.frontend import REQUEST_ID, KeyChecker, RouteLatency, new_request_id
+from service.api.proto.userembed.v1 import embeddings_pb2 as pb
+from service.api.reads import Answer, EmbeddingReader, ReadError, parse_pin
+from service.core.embeddings import EmbeddingDtype
+from service.metrics import API_IN_FLIGHT
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: Final = "userembed.v1.Embeddings"
+_GET: Final = f"/{SERVICE_NAME}/GetEmbedding"
+_BATCH: Final = f"/{SERVICE_NAME}/BatchGetEmbeddings"
+_HEALTH_CHECK: Final = "/grpc.health.v1.Health/"
+_REFLECTION: Final = "/grpc.reflection."
+
+GRPC_CODE: Final[dict[str, grpc.StatusCode]] = {
+    "invalid_user_id": grpc.StatusCode.INVALID_ARGUMENT,
+    "invalid_encoding": grpc.StatusCode.INVALID_ARGUMENT,
+    "invalid_model_version": grpc.StatusCode.INVALID_ARGUMENT,
+    "invalid_request": grpc.StatusCode.INVALID_ARGUMENT,
+    "batch_too_large": grpc.StatusCode.INVALID_ARGUMENT,
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "version_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
+    "store_unavailable": grpc.StatusCode.UNAVAILABLE,
+}
+_STATUS: Final = {
+    "fresh": pb.STATUS_FRESH,
+    "stale": pb.STATUS_STALE,
+    "cold_start": pb.STATUS_COLD_START,
+    "not_found": pb.STATUS_NOT_FOUND,
+    "version_mismatch": pb.STATUS_VERSION_MISMATCH,
+}
+_DTYPE: Final[dict[int, EmbeddingDtype]] = {
+    pb.ENCODING_UNSPECIFIED: "float32",
+    pb.ENCODING_FLOAT32: "float32",
+    pb.ENCODING_FLOAT16: "float16",
+}
+GRPC_LATENCY: Final = RouteLatency("grpc")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def _dtype(encoding: pb.Encoding) -> EmbeddingDtype:
+    dtype = _DTYPE.get(encoding)
+    if dtype is None:
+        raise ReadError("invalid_encoding", f"unknown encoding {encoding}: use FLOAT32 or FLOAT16")
+    return dtype
+
+
+def to_message(answer: Answer, encoding: pb.Encoding, dtype: EmbeddingDtype) -> pb.Embedding:
+    message = pb.Embedding(
+        user_id=answer.user_id,
+        status=_STATUS[answer.status],
+        vector=answer.packed(dtype),
+        encoding=encoding or pb.ENCODING_FLOAT32,
+        dim=answer.dim or 0,
+        model_version=answer.model_version or "",
+        space_version=answer.space_version or "",
+    )
+    if answer.computed_at is not None:
+        message.computed_at = answer.computed_at
+    if answer.feature_version is not None:
+        message.feature_version = answer.feature_version
+    if answer.staleness_ms is not None:
+        message.staleness_ms = answer.staleness_ms
+    return message
+
+
+class EmbeddingsService:
+    """The servicer: parse, read, encode; errors become gRPC status codes."""
+
+    def __init__(self, reader: EmbeddingReader, keys: KeyChecker) -> None:
+        self._reader = reader
+        self._keys = keys
+
+    async def GetEmbedding(
+        self, request: pb.GetEmbeddingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Embedding:
+        return await self._call(_GET, context, self._get, request)
+
+    async def BatchGetEmbeddings(
+        self, request: pb.BatchGetEmbeddingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchGetEmbeddingsResponse:
+        return await self._call(_BATCH, context, self._batch_get, request)
+
+    async def _get(self, request: pb.GetEmbeddingRequest) -> pb.Embedding:
+        dtype = _dtype(request.encoding)
+        answer = await self._reader.get(request.user_id, parse_pin(request.model_version))
+        return to_message(answer, request.encoding, dtype)
+
+    async def _batch_get(
+        self, request: pb.BatchGetEmbeddingsRequest
+    ) -> pb.BatchGetEmbeddingsResponse:
+        dtype = _dtype(request.encoding)
+        answers = await self._reader.batch_get(
+            list(request.user_ids), parse_pin(request.model_version)
+        )
+        return pb.BatchGetEmbeddingsResponse(
+            embeddings=[to_message(a, request.encoding, dtype) for a in answers]
+        )
+
+    async def _call(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        handler: Callable[[Req], Awaitable[Resp]],
+        request: Req,
+    ) -> Resp:
+        started = time.perf_counter()
+        authorization = offered_id = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                authorization = value
+            elif key == "x-request-id":
+                offered_id = value
+        request_id = new_request_id(offered_id)
+        REQUEST_ID.set(request_id)
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        API_IN_FLIGHT.inc()
+        code = grpc.StatusCode.INTERNAL
+        try:
+            if self._keys and not self._keys.allows(authorization):
+                raise ReadError(
+                    "unauthenticated",
+                    "missing or invalid API key: send metadata 'authorization: Bearer <key>'",
+                )
+            response = await handler(request)
+            code = grpc.StatusCode.OK
+            return response
+        except ReadError as exc:
+            code = GRPC_CODE.get(exc.code, grpc.StatusCode.INTERNAL)
+            level = logging.WARNING if code == grpc.StatusCode.UNAVAILABLE else logging.DEBUG
+            log.log(
+                level,
+                "event=request_failed request_id=%s method=%s code=%s reason=%r",
+                request_id,
+                method,
+                code.name,
+                exc.message,
+            )
+            await context.abort(code, exc.message)
+            raise  # abort raises; this line is never reached
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            log.exception("event=read_failed request_id=%s reason=%r", request_id, str(exc))
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            raise
+        finally:
+            API_IN_FLIGHT.dec()
+            GRPC_LATENCY.observe(method, code.name, time.perf_counter() - started)
+
+
+class _OpsAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Requires API keys on the health and reflection services (``api_auth_ops``)."""
+
+    def __init__(self, keys: KeyChecker) -> None:
+        self._keys = keys
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or not method.startswith((_HEALTH_CHECK, _REFLECTION)):
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        if self._keys.allows(metadata.get("authorization")):
+            return handler
+        return _denied(handler)
+
+
+def _denied(handler: Any) -> Any:
+    """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED."""
+
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
+
+    kinds = {
+        "unary_unary": grpc.unary_unary_rpc_method_handler,
+        "unary_stream": grpc.unary_stream_rpc_method_handler,
+        "stream_unary": grpc.stream_unary_rpc_method_handler,
+        "stream_stream": grpc.stream_stream_rpc_method_handler,
+    }
+    for kind, make in kinds.items():
+        if getattr(handler, kind) is not None:
+            return make(
+                deny,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
+
+
+def _service_handler(service: EmbeddingsService) -> grpc.GenericRpcHandler:
+    """The servicer's methods registered with their (de)serializers."""
+    handlers = {
+        "GetEmbedding": grpc.unary_unary_rpc_method_handler(
+            service.GetEmbedding,
+            request_deserializer=pb.GetEmbeddingRequest.FromString,
+            response_serializer=pb.Embedding.SerializeToString,
+        ),
+        "BatchGetEmbeddings": grpc.unary_unary_rpc_method_handler(
+            service.BatchGetEmbeddings,
+            request_deserializer=pb.BatchGetEmbeddingsRequest.FromString,
+            response_serializer=pb.BatchGetEmbeddingsResponse.SerializeToString,
+        ),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+async def start_grpc_server(
+    reader: EmbeddingReader, settings: Settings, host: str, port: int
+) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC server (read service, health, reflection); return it and its port."""
+    keys = KeyChecker(settings.resolved_api_keys())
+    interceptors = [_OpsAuth(keys)] if keys and settings.api_auth_ops else []
+    server = grpc.aio.server(interceptors=interceptors)
+    server.add_generic_rpc_handlers((_service_handler(EmbeddingsService(reader, keys)),))
+    health_service = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind gRPC on {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("event=grpc_serving addr=%s:%d", host, bound)
+    return server, bound

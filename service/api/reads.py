@@ -1,0 +1,300 @@
+"""The read semantics shared by the HTTP and gRPC front ends (SOAP "latency free").
+
+A read answers from the store at once and never waits for the model: a stale record
+is served flagged ``stale``, a missing one gets the model's cold-start embedding
+(``cold_start``, or ``not_found`` when configured); both ask for a background
+refresh. A reader may pin the space it expects (``model_version``); a record in
+another space is not served as if it were comparable (``version_mismatch``).
+Front ends only parse requests and encode :class:`Answer` objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal, get_args
+
+import numpy as np
+import numpy.typing as npt
+
+from models.registry import RegistryError, check_version_name
+from service.api.coalescer import ReadCoalescer
+from service.api.cold_start import ColdStart
+from service.api.hot_cache import HotCache
+from service.api.refresh import RefreshRequester
+from service.core.clock import Clock, now_ms
+from service.core.embeddings import EmbeddingDtype, EmbeddingRecord, packed_vector
+from service.core.events import user_id_problem
+from service.metrics import API_SERVED, API_SERVED_STALENESS, API_STORE_ERRORS
+from service.settings import Settings
+from service.store.protocol import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+Status = Literal["fresh", "stale", "cold_start", "not_found", "version_mismatch"]
+Encoding = Literal["json", "base64_float16", "base64_float32"]
+ENCODINGS: Final[tuple[str, ...]] = get_args(Encoding)
+ColdStartSource = Callable[[], ColdStart | None]
+
+_SERVED: Final = {status: API_SERVED.labels(status) for status in get_args(Status)}
+_STALENESS_SAMPLE: Final = 16
+
+
+class ReadError(Exception):
+    """A request the read path refuses, with a stable ``code`` each front end maps to
+    its own status (HTTP 4xx/503, a gRPC status code)."""
+
+    def __init__(self, code: str, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.retry_after_s = code, message, retry_after_s
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ is ~3x slower
+class Answer:
+    """One user's answer; ``vector`` is None for ``not_found`` and ``version_mismatch``."""
+
+    user_id: str
+    status: Status
+    vector: npt.NDArray[np.floating] | None
+    model_version: str | None
+    space_version: str | None
+    computed_at: int | None = None
+    feature_version: int | None = None
+    staleness_ms: int | None = None
+
+    @property
+    def dim(self) -> int | None:
+        return None if self.vector is None else int(self.vector.shape[0])
+
+    def packed(self, dtype: EmbeddingDtype) -> bytes:
+        """The vector as little-endian bytes (empty when there is none)."""
+        return b"" if self.vector is None else packed_vector(self.vector, dtype)
+
+    def encoded(self, encoding: Encoding) -> npt.NDArray[np.float32] | str | None:
+        """The vector for a JSON body: a float32 array (orjson writes it as numbers), or
+        base64 of the packed bytes."""
+        if self.vector is None:
+            return None
+        if encoding == "json":
+            return self.vector.astype(np.float32, copy=False)
+        dtype: EmbeddingDtype = "float16" if encoding == "base64_float16" else "float32"
+        return binascii.b2a_base64(self.packed(dtype), newline=False).decode("ascii")
+
+
+def parse_encoding(value: str) -> Encoding:
+    if value not in ENCODINGS:
+        raise ReadError(
+            "invalid_encoding", f"unknown encoding {value!r}: use one of {', '.join(ENCODINGS)}"
+        )
+    return value  # type: ignore[return-value]  # checked against the Literal's values
+
+
+def parse_pin(value: str | None) -> str | None:
+    """A requested space (``model_version``); empty means any."""
+    if not value:
+        return None
+    try:
+        return check_version_name(value)
+    except RegistryError as exc:
+        raise ReadError("invalid_model_version", str(exc)) from None
+
+
+def check_user_id(user_id: str) -> str:
+    problem = user_id_problem(user_id)
+    if problem is not None:
+        raise ReadError("invalid_user_id", problem)
+    return user_id
+
+
+class EmbeddingReader:
+    """Store records -> answers, with refresh requests for missing or stale users.
+
+    Single-user reads are coalesced into one store call per event-loop turn; a batch
+    read is one store call. Every store call is bounded by ``timeout_ms``.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        cold_start: ColdStartSource,
+        refresher: RefreshRequester,
+        *,
+        refresh_after_ms: int,
+        cold_start_404: bool = False,
+        max_batch: int = 1000,
+        timeout_ms: int = 1000,
+        retry_after_s: int = 1,
+        cache: HotCache | None = None,
+        clock: Clock = now_ms,
+    ) -> None:
+        self._store = store
+        self._cold_start = cold_start
+        self.refresher = refresher
+        self._refresh_after_ms = refresh_after_ms
+        self._cold_start_404 = cold_start_404
+        self.max_batch = max_batch
+        self._timeout_s = timeout_ms / 1000
+        self._retry_after_s = retry_after_s
+        self.cache = cache
+        self._clock = clock
+        self._single = ReadCoalescer(self._fetch)
+
+    @classmethod
+    def from_settings(
+        cls, store: Store, settings: Settings, cold_start: ColdStartSource, clock: Clock = now_ms
+    ) -> EmbeddingReader:
+        refresher = RefreshRequester(
+            store,
+            int(settings.refresh_coalesce_s * 1000),
+            max_rate=settings.refresh_max_rate,
+            clock=clock,
+        )
+        cache = (
+            HotCache(settings.hot_cache_ttl_ms, settings.hot_cache_max_users)
+            if settings.hot_cache_ttl_ms
+            else None
+        )
+        return cls(
+            store,
+            cold_start,
+            refresher,
+            refresh_after_ms=int(settings.refresh_after_s * 1000),
+            cold_start_404=settings.cold_start_404,
+            max_batch=settings.batch_get_max_ids,
+            timeout_ms=settings.api_read_timeout_ms,
+            retry_after_s=settings.api_retry_after_s,
+            cache=cache,
+            clock=clock,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Background work of the read path: flushing refresh requests until ``stop``."""
+        await self.refresher.run(stop)
+
+    async def get(self, user_id: str, pin: str | None = None) -> Answer:
+        """One user's answer; raise :class:`ReadError` when there is nothing to serve."""
+        check_user_id(user_id)
+        record = self.cache.get_many([user_id])[0] if self.cache is not None else None
+        if record is None:
+            record = await self._single.get(user_id)
+            if self.cache is not None and record is not None:
+                self.cache.put_many([(user_id, record)])
+        refresh: list[str] = []
+        answer = self._answer(user_id, record, self._clock(), pin, refresh)
+        if refresh:
+            self.refresher.request(refresh)
+        _count((answer,))
+        if answer.status == "not_found":
+            space = f" in space {pin!r}" if pin else ""
+            raise ReadError(
+                "not_found", f"no embedding of {user_id!r}{space} yet; a refresh was requested"
+            )
+        if answer.status == "version_mismatch":
+            raise ReadError(
+                "version_mismatch",
+                f"the embedding of {user_id!r} is in space {answer.space_version!r} "
+                f"(model {answer.model_version!r}), not the requested {pin!r}",
+            )
+        return answer
+
+    async def batch_get(self, user_ids: Sequence[str], pin: str | None = None) -> list[Answer]:
+        """Answers in request order; users with nothing to serve get a status, not an error."""
+        if len(user_ids) > self.max_batch:
+            raise ReadError(
+                "batch_too_large",
+                f"{len(user_ids)} user_ids requested; at most {self.max_batch} per call",
+            )
+        for user_id in user_ids:
+            check_user_id(user_id)
+        records = await self._records(user_ids)
+        now = self._clock()
+        refresh: list[str] = []
+        answers = [
+            self._answer(u, r, now, pin, refresh) for u, r in zip(user_ids, records, strict=True)
+        ]
+        if refresh:
+            self.refresher.request(refresh)
+        _count(answers)
+        return answers
+
+    async def _records(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
+        if self.cache is None:
+            return await self._fetch(user_ids)
+        records = self.cache.get_many(user_ids)
+        missing = [i for i, r in enumerate(records) if r is None]
+        if missing:
+            fetched = await self._fetch([user_ids[i] for i in missing])
+            found = []
+            for i, record in zip(missing, fetched, strict=True):
+                records[i] = record
+                if record is not None:
+                    found.append((user_ids[i], record))
+            self.cache.put_many(found)
+        return records
+
+    async def _fetch(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
+        """One bounded store call: a slow or absent store is a ``store_unavailable``
+        ReadError (one per failed call, shared by the coalesced callers), never a hang."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await self._store.get_embeddings(user_ids)
+        except (StoreUnavailable, TimeoutError) as exc:
+            API_STORE_ERRORS.inc()
+            reason = (
+                f"store did not answer within {self._timeout_s * 1000:.0f} ms"
+                if isinstance(exc, TimeoutError)
+                else str(exc)
+            )
+            raise ReadError(
+                "store_unavailable", f"{reason}; retry shortly", self._retry_after_s
+            ) from None
+
+    def _answer(
+        self,
+        user_id: str,
+        record: EmbeddingRecord | None,
+        now: int,
+        pin: str | None,
+        refresh: list[str],
+    ) -> Answer:
+        """The answer for one user; users to refresh (missing or stale) go to ``refresh``."""
+        if record is not None:
+            staleness = record.staleness_ms(now)
+            status: Status = "fresh" if staleness <= self._refresh_after_ms else "stale"
+            if status == "stale":
+                refresh.append(user_id)
+            if pin is not None and record.space_version != pin:
+                status = "version_mismatch"
+            return Answer(
+                user_id,
+                status,
+                None if status == "version_mismatch" else record.vector,
+                record.model_version,
+                record.space_version,
+                record.computed_at_ms,
+                record.feature_version,
+                staleness,
+            )
+        refresh.append(user_id)
+        cold = None if self._cold_start_404 else self._cold_start()
+        if cold is None or (pin is not None and cold.space_version != pin):
+            return Answer(user_id, "not_found", None, None, None)
+        return Answer(user_id, "cold_start", cold.vector, cold.model_version, cold.space_version)
+
+
+def _count(answers: Sequence[Answer]) -> None:
+    """Served-embedding metrics: one counter increment per status; the staleness of the
+    stored embeddings served, from at most ``_STALENESS_SAMPLE`` evenly spaced answers of
+    a batch (each observation takes two locks: all 1,000 of a batch would be ~10% of it)."""
+    counts = dict.fromkeys(_SERVED, 0)
+    for answer in answers:
+        counts[answer.status] += 1
+    for answer in answers[:: max(1, len(answers) // _STALENESS_SAMPLE)]:
+        if answer.staleness_ms is not None and answer.vector is not None:
+            API_SERVED_STALENESS.observe(answer.staleness_ms / 1000)
+    for status, count in counts.items():
+        if count:
+            _SERVED[status].inc(count)

@@ -1,0 +1,90 @@
+"""The Store seam: what every role needs from shared state, as one bulk Protocol.
+
+Two implementations behave identically (one contract test suite runs on both):
+:class:`~service.store.redis.RedisStore` for production and
+:class:`~service.store.memory.MemoryStore`, the embedded default. Every operation is
+in bulk: one Redis round trip per call, never one per user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from service.core.embeddings import EmbeddingRecord
+from service.core.features import FeatureState
+
+RECLAIM_PER_CALL: Final = 1000
+"""At most this many expired leases go back to the queue per claim."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The backing store did not answer in time or refused the connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyStats:
+    depth: int
+    oldest_ms: int | None
+    leased: int = 0
+
+
+class Store(Protocol):
+    """What every role needs from shared state; all calls are bulk."""
+
+    async def get_features(self, user_ids: Sequence[str]) -> list[FeatureState | None]: ...
+
+    async def put_features(
+        self,
+        states: Mapping[str, FeatureState],
+        dirty_at_ms: int | None = None,
+        expected_versions: Mapping[str, int] | None = None,
+    ) -> list[str]:
+        """Write states and, when ``dirty_at_ms`` is given, mark those users dirty, atomically.
+
+        With ``expected_versions`` (0 = no record yet) this is a compare-and-set per
+        user: a user whose stored version differs is neither written nor marked, and
+        is returned as a conflict. Without it every state is written; returns [].
+        """
+
+    async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]: ...
+
+    async def put_embeddings(self, records: Mapping[str, EmbeddingRecord]) -> None: ...
+
+    async def mark_dirty(self, dirty_at_ms: Mapping[str, int]) -> None:
+        """Queue users for recomputation; a user already queued keeps its older time."""
+
+    async def pop_dirty(self, limit: int) -> list[tuple[str, int]]:
+        """Remove and return up to ``limit`` (user_id, dirty_at_ms), oldest first, with no
+        lease (for tools and tests; workers use :meth:`claim_dirty`)."""
+
+    async def claim_dirty(
+        self, limit: int, *, token: str, now_ms: int, lease_ms: int
+    ) -> list[tuple[str, int]]:
+        """Lease up to ``limit`` (user_id, dirty_at_ms), oldest first, to ``token``.
+
+        Leases that expired by ``now_ms`` first go back to the queue with their
+        original dirty times, so users of a worker that died are not lost.
+        """
+
+    async def release_claim(
+        self, token: str, user_ids: Sequence[str], requeue: Mapping[str, int] | None = None
+    ) -> None:
+        """End ``token``'s leases on ``user_ids`` (a lease re-taken by another token is
+        left alone); ``requeue`` puts users back in the queue in the same step."""
+
+    async def active_users(self, start: int, count: int) -> list[str]:
+        """Users by most recent activity (events), most recent first."""
+
+    async def trim_active(self, keep: int) -> None:
+        """Forget all but the ``keep`` most recently active users."""
+
+    async def claim_job(self, name: str, ttl_ms: int) -> bool:
+        """True for exactly one caller per ``name`` until ``ttl_ms`` passes."""
+
+    async def dirty_stats(self) -> DirtyStats: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,224 @@
+"""Throwaway redis-servers on free loopback ports, for tests and benchmarks: one node,
+or a real Redis Cluster (primaries with replicas, joined by ``redis-cli --cluster create``).
+
+Nothing is persisted; every process is stopped by PID when the context exits.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _binary(name: str) -> str:
+    binary = shutil.which(name)
+    if binary is None:
+        raise RuntimeError(f"{name} is not installed (apt-get install redis-server)")
+    return binary
+
+
+def _start_server(
+    port: int, workdir: Path, extra: Sequence[str] = (), start_timeout_s: float = 10.0
+) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [
+            _binary("redis-server"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            "--loglevel",
+            "warning",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_until_listening(port, process, start_timeout_s)
+    except BaseException:
+        stop_process(process)
+        raise
+    return process
+
+
+@contextmanager
+def private_redis(port: int | None = None, start_timeout_s: float = 10.0) -> Iterator[str]:
+    """Start ``redis-server`` (on ``port``, default a free one) and yield its URL; raise
+    RuntimeError if it is not installed."""
+    port = port or free_port()
+    with tempfile.TemporaryDirectory(prefix="userembed-redis-") as workdir:
+        process = _start_server(port, Path(workdir), start_timeout_s=start_timeout_s)
+        try:
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            stop_process(process)
+
+
+@dataclass
+class LocalCluster:
+    """A running local Redis Cluster: its nodes by port, and the URL to reach it."""
+
+    ports: list[int]
+    processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://`` with every node as a seed."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def cli(self, *args: str, timeout_s: float = 120.0) -> str:
+        """Run ``redis-cli`` with ``args`` and return what it printed; raise on failure."""
+        done = subprocess.run(
+            [_binary("redis-cli"), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli {' '.join(args)} failed: {done.stdout}{done.stderr}")
+        return done.stdout
+
+    def node_info(self, port: int) -> list[dict[str, str]]:
+        """CLUSTER NODES as seen from ``port``: id, address, flags, master and slots."""
+        nodes = []
+        for line in self.cli("-p", str(port), "cluster", "nodes", timeout_s=5).splitlines():
+            parts = line.split()
+            if len(parts) >= 8:
+                nodes.append(
+                    {
+                        "id": parts[0],
+                        "port": parts[1].split("@")[0].rsplit(":", 1)[1],
+                        "flags": parts[2],
+                        "master": parts[3],
+                        "slots": " ".join(parts[8:]),
+                    }
+                )
+        return nodes
+
+    def primaries(self) -> list[int]:
+        """Ports of the live primaries that own slots, as a live node sees them."""
+        for port in self.live_ports():
+            try:
+                nodes = self.node_info(port)
+            except (RuntimeError, subprocess.TimeoutExpired):
+                continue
+            return sorted(
+                int(n["port"])
+                for n in nodes
+                if "master" in n["flags"] and "fail" not in n["flags"] and n["slots"]
+            )
+        return []
+
+    def live_ports(self) -> list[int]:
+        return [p for p, proc in self.processes.items() if proc.poll() is None]
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node (a crash, not a shutdown)."""
+        process = self.processes[port]
+        process.kill()
+        process.wait()
+
+    def wait_healthy(self, timeout_s: float = 60.0) -> None:
+        """Until every live node reports cluster_state:ok and all 16384 slots served."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                infos = [
+                    self.cli("-p", str(p), "cluster", "info", timeout_s=5)
+                    for p in self.live_ports()
+                ]
+            except (RuntimeError, subprocess.TimeoutExpired):
+                infos = []
+            if infos and all(
+                "cluster_state:ok" in i and "cluster_slots_ok:16384" in i for i in infos
+            ):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the local Redis Cluster did not become healthy in {timeout_s}s")
+
+
+@contextmanager
+def private_redis_cluster(
+    primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 1000
+) -> Iterator[LocalCluster]:
+    """Start ``primaries * (1 + replicas)`` cluster-enabled redis-servers on free loopback
+    ports, join them with ``redis-cli --cluster create`` and yield the running cluster."""
+    ports = [free_port() for _ in range(primaries * (1 + replicas))]
+    cluster = LocalCluster(ports)
+    with tempfile.TemporaryDirectory(prefix="userembed-cluster-") as workdir, ExitStack() as stack:
+        for port in ports:
+            node_dir = Path(workdir) / str(port)
+            node_dir.mkdir()
+            cluster.processes[port] = _start_server(
+                port,
+                node_dir,
+                [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    str(node_timeout_ms),
+                ],
+            )
+            stack.callback(stop_process, cluster.processes[port])
+        cluster.cli(
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{p}" for p in ports),
+            "--cluster-replicas",
+            str(replicas),
+            "--cluster-yes",
+        )
+        cluster.wait_healthy()
+        yield cluster
+
+
+def stop_process(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``grace_s``."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _wait_until_listening(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            err = process.stderr.read().decode() if process.stderr else ""
+            raise RuntimeError(f"redis-server exited with {process.returncode}: {err.strip()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"redis-server did not answer on port {port} within {timeout_s}s")
