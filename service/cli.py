@@ -10,12 +10,15 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from models.cli import add_model_commands
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.store.protocol import Store
 
 
 def _configure_logging(level: str) -> None:
@@ -31,6 +34,17 @@ def _settings(overrides: dict[str, Any]) -> Settings:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         raise SystemExit(f"userembed: invalid configuration:\n{exc}") from None
+
+
+async def _store(settings: Settings) -> Store:
+    """The configured store, checked; a misconfiguration ends the command in one sentence."""
+    from service.store.connect import open_checked_store
+    from service.store.protocol import StoreMisconfigured
+
+    try:
+        return await open_checked_store(settings)
+    except (StoreMisconfigured, ValueError) as exc:
+        raise SystemExit(f"userembed: {exc}") from None
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -68,14 +82,13 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from service.api.reads import EmbeddingReader
     from service.api.server import EmbeddedServer, http_config, install_stop_handlers, run_loop
     from service.ingest.kafka import KafkaEventSink
-    from service.store.connect import open_store
 
     settings = _settings(
         {"api_host": args.host, "api_port": args.port, "grpc_port": args.grpc_port}
     )
 
     async def serve() -> None:
-        store = open_store(settings.redis_url, settings.redis_timeout_ms)
+        store = await _store(settings)
         sink = KafkaEventSink(settings) if settings.api_events_enabled else None
         cold_start = RegistryColdStart(settings.registry_path)
         cold_start()  # load the current model's cold start before the first request
@@ -116,17 +129,17 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 def _cmd_worker(args: argparse.Namespace) -> None:
     from service.api.server import install_stop_handlers, run_loop
-    from service.store.connect import open_store
     from service.worker.role import WorkerRole
 
     settings = _settings({})
     if settings.redis_url.startswith("memory://"):
         raise SystemExit(
-            "userembed worker needs a shared store: set USEREMBED_REDIS_URL=redis://..."
+            "userembed worker needs a shared store: set USEREMBED_REDIS_URL=redis://... "
+            "or redis+cluster://..."
         )
 
     async def work() -> None:
-        store = open_store(settings.redis_url, settings.redis_timeout_ms)
+        store = await _store(settings)
         role = WorkerRole(settings, store)
         _serve_ops(settings, role.ready.is_set)
         stop = asyncio.Event()
@@ -143,17 +156,17 @@ def _cmd_ingest(args: argparse.Namespace) -> None:
     from service.api.server import install_stop_handlers, run_loop
     from service.ingest.kafka import KafkaEventSource
     from service.ingest.updater import FeatureUpdater, run_ingest
-    from service.store.connect import open_store
 
     settings = _settings({"metrics_port": args.metrics_port})
     if settings.redis_url.startswith("memory://"):
         raise SystemExit(
-            "userembed ingest needs a shared store: set USEREMBED_REDIS_URL=redis://..."
+            "userembed ingest needs a shared store: set USEREMBED_REDIS_URL=redis://... "
+            "or redis+cluster://..."
         )
     _serve_ops(settings, lambda: True)
 
     async def ingest() -> None:
-        store = open_store(settings.redis_url, settings.redis_timeout_ms)
+        store = await _store(settings)
         source = KafkaEventSource(settings)
         stop = asyncio.Event()
         install_stop_handlers(stop.set)
@@ -221,7 +234,6 @@ def _cmd_init_registry(args: argparse.Namespace) -> None:
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
     from service.core.events import user_id_problem
-    from service.store.connect import open_store
 
     problem = user_id_problem(args.user_id)
     if problem:
@@ -229,7 +241,7 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     settings = _settings({})
 
     async def inspect() -> dict[str, Any]:
-        store = open_store(settings.redis_url, settings.redis_timeout_ms)
+        store = await _store(settings)
         try:
             (features,) = await store.get_features([args.user_id])
             (record,) = await store.get_embeddings([args.user_id])

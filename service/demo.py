@@ -22,7 +22,7 @@ from service.core.clock import now_ms, sleep_unless_stopped
 from service.ingest.synthetic import EventGenerator
 from service.ingest.updater import FeatureUpdater, InProcessEventSource, run_ingest
 from service.settings import Settings
-from service.store.connect import open_store
+from service.store.connect import open_checked_store
 from service.store.protocol import Store
 from service.worker.embedding_worker import EmbeddingWorker, WorkerConfig
 from service.worker.runtime import OnnxModelRuntime
@@ -81,7 +81,7 @@ async def run_demo(settings: Settings, *, duration_s: float | None = None) -> No
     """Run until Ctrl-C / SIGTERM (or ``duration_s``), then stop every part cleanly."""
     artifact = ensure_default_model(settings.registry_path, settings.history_length)
     runtime = OnnxModelRuntime.from_artifact(artifact)
-    store = open_store(settings.redis_url, settings.redis_timeout_ms)
+    store = await open_checked_store(settings)
     source = InProcessEventSource()
     updater = FeatureUpdater(store, settings.history_length)
     worker = EmbeddingWorker(store, runtime, WorkerConfig.from_settings(settings))

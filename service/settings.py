@@ -21,9 +21,18 @@ class Settings(BaseSettings):
 
     # --- store -------------------------------------------------------------
     redis_url: str = Field(
-        "memory://", description="redis://host:port/db, rediss://..., or memory:// (embedded)"
+        "memory://",
+        description="redis://host:port/db (rediss:// TLS), redis+cluster://host:port[,host:port]"
+        " (rediss+cluster:// TLS) for a Redis Cluster, or memory:// (embedded)",
     )
     redis_timeout_ms: int = Field(250, gt=0, description="Bound on every Redis call")
+    redis_shards: int = Field(
+        64,
+        ge=1,
+        le=16384,
+        description="Shard hash tags of the key layout: a multiple of the Kafka partitions, "
+        "8-16x the cluster's primaries, fixed for the life of the data (docs/capacity.md)",
+    )
 
     # --- kafka (ingest) ----------------------------------------------------
     kafka_bootstrap: str = "localhost:9092"
@@ -127,9 +136,11 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        if not url.startswith(("memory://", "redis://", "rediss://", "unix://")):
+        schemes = ("memory", "redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+        if not url.startswith(tuple(f"{scheme}://" for scheme in schemes)):
             raise ValueError(
-                f"unsupported redis_url {url!r}: use redis://, rediss://, unix:// or memory://"
+                f"unsupported redis_url scheme in {url.split('://')[0]!r}: use "
+                + ", ".join(f"{scheme}://" for scheme in schemes)
             )
         return url
 

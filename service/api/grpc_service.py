@@ -43,6 +43,7 @@ GRPC_CODE: Final[dict[str, grpc.StatusCode]] = {
     "not_found": grpc.StatusCode.NOT_FOUND,
     "version_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
     "store_unavailable": grpc.StatusCode.UNAVAILABLE,
+    "store_misconfigured": grpc.StatusCode.UNAVAILABLE,
 }
 _STATUS: Final = {
     "fresh": pb.STATUS_FRESH,

@@ -47,6 +47,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     "version_mismatch": 409,
     "request_too_large": 413,
     "store_unavailable": 503,
+    "store_misconfigured": 503,
 }
 _JSON_OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY
 _USER_ID_REGEX: Final = f"^{USER_ID_PATTERN.pattern}$"

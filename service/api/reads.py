@@ -30,7 +30,7 @@ from service.core.embeddings import EmbeddingDtype, EmbeddingRecord, packed_vect
 from service.core.events import user_id_problem
 from service.metrics import API_SERVED, API_SERVED_STALENESS, API_STORE_ERRORS
 from service.settings import Settings
-from service.store.protocol import Store, StoreUnavailable
+from service.store.protocol import Store, StoreMisconfigured, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,9 @@ class EmbeddingReader:
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await self._store.get_embeddings(user_ids)
+        except StoreMisconfigured as exc:
+            API_STORE_ERRORS.inc()
+            raise ReadError("store_misconfigured", str(exc), self._retry_after_s) from None
         except (StoreUnavailable, TimeoutError) as exc:
             API_STORE_ERRORS.inc()
             reason = (

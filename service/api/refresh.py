@@ -1,7 +1,8 @@
 """SOAP's latency-free refresh: the read path asks for recomputation without waiting.
 
 ``request`` only records user ids in memory (no I/O on the read path); a background
-task flushes them to the dirty queue in one bulk write every few milliseconds.
+task flushes them to the dirty queue in one bulk write every few milliseconds (one
+ZADD per shard, in one pipeline), backing off while the store fails.
 Requests for the same user are coalesced to at most one per ``coalesce_ms``, and
 new requests are admitted at most ``max_rate`` per second (a token bucket holding one
 second's worth), so a burst of cold users cannot flood the worker's queue. A request
@@ -35,6 +36,7 @@ class RefreshRequester:
         max_rate: float = 1000.0,
         max_pending: int = 100_000,
         flush_interval_s: float = 0.005,
+        max_backoff_s: float = 1.0,
         clock: Clock = now_ms,
     ) -> None:
         self._store = store
@@ -42,6 +44,7 @@ class RefreshRequester:
         self._max_rate = max_rate
         self._max_pending = max_pending
         self._flush_interval_s = flush_interval_s
+        self._max_backoff_s = max(flush_interval_s, max_backoff_s)
         self._clock = clock
         self._pending: dict[str, int] = {}
         self._last_requested: dict[str, int] = {}
@@ -94,12 +97,26 @@ class RefreshRequester:
         return len(pending)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Flush every ``flush_interval_s``; while the store fails, back off exponentially
+        up to ``max_backoff_s`` (pending requests are kept, and logged once per streak)."""
+        delay, failures = self._flush_interval_s, 0
         while not stop.is_set():
             try:
                 await self.flush()
             except Exception as exc:
-                log.warning("event=refresh_flush_failed reason=%r", str(exc))
-            await sleep_unless_stopped(stop, self._flush_interval_s)
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "event=refresh_flush_failed pending=%d reason=%r (backing off)",
+                        len(self._pending),
+                        str(exc),
+                    )
+                delay = min(self._max_backoff_s, delay * 2)
+            else:
+                if failures:
+                    log.info("event=refresh_flush_recovered failures=%d", failures)
+                delay, failures = self._flush_interval_s, 0
+            await sleep_unless_stopped(stop, delay)
         try:
             await self.flush()
         except Exception as exc:

@@ -36,6 +36,7 @@ from service.api.proto.userembed.v1 import embeddings_pb2 as pb
 from service.bench.provenance import commit_id
 from service.core.clock import now_ms
 from service.core.embeddings import EmbeddingRecord
+from service.store.keys import DEFAULT_SHARDS, KeyLayout
 from service.store.redis import RedisStore
 from service.store.redis_server import free_port, private_redis, stop_process
 
@@ -46,6 +47,9 @@ Request = Callable[[Any], Awaitable[bool]]
 _ROW = "{:<17} {:>4} {:>9} {:>7} {:>9} {:>8} {:>8} {:>9}"
 GET_METHOD = "/userembed.v1.Embeddings/GetEmbedding"
 BATCH_METHOD = "/userembed.v1.Embeddings/BatchGetEmbeddings"
+
+
+LAYOUT = KeyLayout(DEFAULT_SHARDS)  # the API process runs with the default settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +308,7 @@ async def _single_rows(
         rpc = await _measure("api-grpc", [get] * c, messages, duration_s)
     client = aioredis.Redis.from_url(redis_url, max_connections=c)
     try:
-        keys = [[f"ue:{u}" for u in row] for row in draws]
+        keys = [[LAYOUT.embedding_key(u) for u in row] for row in draws]
         base = await _measure("redis-get", [redis_get(client)] * c, keys, duration_s)
     finally:
         await client.aclose()
@@ -330,7 +334,7 @@ async def _batch_rows(
         rpc = await _measure(f"api-grpc-b{n}", [call] * c, messages, duration_s)
     client = aioredis.Redis.from_url(redis_url, max_connections=c)
     try:
-        keys = [[[f"ue:{u}" for u in g] for g in row] for row in groups]
+        keys = [[[LAYOUT.embedding_key(u) for u in g] for g in row] for row in groups]
         base = await _measure(f"redis-mget{n}", [redis_mget(client)] * c, keys, duration_s)
     finally:
         await client.aclose()

@@ -86,6 +86,7 @@ from service.evaluation.pipeline import (
 from service.evaluation.probes import Prober
 from service.ingest.kafka import KafkaEventSink
 from service.ingest.mock_broker import mock_kafka_cluster
+from service.store.keys import DEFAULT_SHARDS, KeyLayout
 from service.store.redis import RedisStore
 from service.store.redis_server import private_redis
 
@@ -252,7 +253,8 @@ async def _populate(
     unsent = await asyncio.to_thread(sink.flush, 30.0)
     if unsent:
         raise RuntimeError(f"{unsent} warm-up events were not acknowledged by the broker")
-    keys = [f"ue:u{i}" for i in range(users)]
+    layout = KeyLayout(DEFAULT_SHARDS)  # the pipeline's own settings
+    keys = [layout.embedding_key(f"u{i}") for i in range(users)]
     client = aioredis.Redis.from_url(redis_url)
     deadline = time.monotonic() + max(timeout_s, 30.0)
     try:

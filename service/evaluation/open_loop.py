@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from service.api.proto.userembed.v1 import embeddings_pb2 as pb
 from service.bench.read import GET_METHOD, KeepAliveHttp, grpc_call
+from service.store.keys import DEFAULT_SHARDS, KeyLayout
 
 T = TypeVar("T")
 Send = Callable[[Any], Awaitable[bool]]
@@ -168,8 +169,11 @@ def _grpc_request(user_id: str) -> Any:
     return pb.GetEmbeddingRequest(user_id=user_id)
 
 
+_LAYOUT = KeyLayout(DEFAULT_SHARDS)  # the served pipeline's settings
+
+
 def _redis_key(user_id: str) -> str:
-    return f"ue:{user_id}"
+    return _LAYOUT.embedding_key(user_id)
 
 
 async def measure_target(

@@ -116,9 +116,10 @@ class MemoryStore:
         if requeue:
             self._mark(requeue)
 
-    async def active_users(self, start: int, count: int) -> list[str]:
+    async def active_users(self, cursor: int, count: int) -> tuple[list[str], int]:
         ranked = sorted(self._active.items(), key=lambda kv: (-kv[1], kv[0]))
-        return [user_id for user_id, _ in ranked[start : start + count]]
+        end = cursor + count
+        return [user_id for user_id, _ in ranked[cursor:end]], (end if end < len(ranked) else 0)
 
     async def trim_active(self, keep: int) -> None:
         if len(self._active) > keep:
@@ -135,6 +136,9 @@ class MemoryStore:
         self._drop_stale_top()
         oldest = self._heap[0][0] if self._heap else None
         return DirtyStats(len(self._dirty), oldest, len(self._leases))
+
+    async def open(self) -> None:
+        return None
 
     async def ping(self) -> None:
         return None

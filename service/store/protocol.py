@@ -23,6 +23,11 @@ class StoreUnavailable(RuntimeError):
     """The backing store did not answer in time or refused the connection."""
 
 
+class StoreMisconfigured(StoreUnavailable):
+    """The store answers, but not as configured (e.g. a plain redis:// URL at a cluster
+    node): retrying will not help; the message says what to change."""
+
+
 @dataclass(frozen=True, slots=True)
 class DirtyStats:
     depth: int
@@ -74,8 +79,10 @@ class Store(Protocol):
         """End ``token``'s leases on ``user_ids`` (a lease re-taken by another token is
         left alone); ``requeue`` puts users back in the queue in the same step."""
 
-    async def active_users(self, start: int, count: int) -> list[str]:
-        """Users by most recent activity (events), most recent first."""
+    async def active_users(self, cursor: int, count: int) -> tuple[list[str], int]:
+        """A page of users by recent activity (events), most recent first, and the cursor
+        of the next page (0 at the end; start at 0). As with SCAN, a page may be short,
+        or even empty, before the end: only the cursor says when it is over."""
 
     async def trim_active(self, keep: int) -> None:
         """Forget all but the ``keep`` most recently active users."""
@@ -84,6 +91,10 @@ class Store(Protocol):
         """True for exactly one caller per ``name`` until ``ttl_ms`` passes."""
 
     async def dirty_stats(self) -> DirtyStats: ...
+
+    async def open(self) -> None:
+        """Connect and check the deployment before traffic. Raises StoreMisconfigured
+        (one sentence saying what to change) or StoreUnavailable (not answering)."""
 
     async def ping(self) -> None: ...
 

@@ -1,4 +1,5 @@
-"""Stored bytes to records, leniently: an unreadable record is logged and read as absent."""
+"""Stored bytes to records, leniently: an unreadable record is logged (with its key)
+and read as absent."""
 
 from __future__ import annotations
 
@@ -6,12 +7,11 @@ import logging
 
 from service.core.embeddings import EmbeddingDecodeError, EmbeddingRecord, decode_embedding
 from service.core.features import FeatureDecodeError, FeatureState, decode_features
-from service.store.keys import embedding_key, feature_key
 
 log = logging.getLogger(__name__)
 
 
-def features_or_none(raw: bytes | None, user_id: str) -> FeatureState | None:
+def features_or_none(raw: bytes | None, key: str) -> FeatureState | None:
     """Decode a stored state; an unreadable one is logged and treated as absent,
     so the next update rewrites it instead of wedging the user forever."""
     if raw is None:
@@ -19,15 +19,15 @@ def features_or_none(raw: bytes | None, user_id: str) -> FeatureState | None:
     try:
         return decode_features(raw)
     except FeatureDecodeError as exc:
-        log.warning("event=unreadable_features key=%s reason=%r", feature_key(user_id), str(exc))
+        log.warning("event=unreadable_features key=%s reason=%r", key, str(exc))
         return None
 
 
-def embedding_or_none(raw: bytes | None, user_id: str) -> EmbeddingRecord | None:
+def embedding_or_none(raw: bytes | None, key: str) -> EmbeddingRecord | None:
     if raw is None:
         return None
     try:
         return decode_embedding(raw)
     except EmbeddingDecodeError as exc:
-        log.warning("event=unreadable_embedding key=%s reason=%r", embedding_key(user_id), str(exc))
+        log.warning("event=unreadable_embedding key=%s reason=%r", key, str(exc))
         return None

@@ -1,17 +1,26 @@
-"""The production store on Redis: MGET for reads, one pipeline or Lua script per bulk write."""
+"""The production store on Redis or Redis Cluster, one code path for both.
+
+Every key carries its shard's hash tag (:mod:`service.store.keys`), so each Lua script
+touches one shard and, on a cluster, one node. Bulk reads are one MGET (split by
+slot and sent to every node at once on a cluster); bulk writes are one script call
+per group of shards: all shards together on a single node, one shard per call on a
+cluster, the calls issued concurrently. A batch that spans shards is atomic per
+shard, not across them: every write is idempotent, so a caller that gets
+:class:`StoreUnavailable` simply retries the whole batch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import asyncio
+import heapq
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Final, cast
+from typing import Any, Final, TypeVar, cast
 
-import redis.asyncio as aioredis
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import MovedError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from service.core.embeddings import EmbeddingRecord, encode_embedding
 from service.core.features import (
@@ -21,42 +30,58 @@ from service.core.features import (
     encode_features,
     encoded_version,
 )
-from service.store.keys import (
-    ACTIVE_KEY,
-    DIRTY_KEY,
-    LEASE_INFO_KEY,
-    LEASED_KEY,
-    embedding_key,
-    feature_key,
+from service.store.address import RedisAddress, connect
+from service.store.keys import DEFAULT_SHARDS, KeyLayout, job_key
+from service.store.protocol import (
+    RECLAIM_PER_CALL,
+    DirtyStats,
+    StoreMisconfigured,
+    StoreUnavailable,
 )
-from service.store.protocol import RECLAIM_PER_CALL, DirtyStats, StoreUnavailable
 from service.store.records import embedding_or_none, features_or_none
+
+T = TypeVar("T")
+
+CLAIM_WINDOW: Final = 64
+"""Shards a claim looks at: all of them up to this many, else a rotating window."""
 
 
 @contextmanager
-def _unavailable_on_redis_errors() -> Iterator[None]:
+def _unavailable_on_redis_errors(address: RedisAddress) -> Iterator[None]:
     try:
         yield
+    except ResponseError as exc:
+        # A plain client at a cluster node: MOVED for keys elsewhere, CROSSSLOT for a
+        # bulk call spanning nodes. Retrying will not help; the URL must change.
+        wrong_topology = isinstance(exc, MovedError) or str(exc).startswith("CROSSSLOT")
+        if wrong_topology and not address.cluster:
+            raise StoreMisconfigured(address.is_cluster_sentence()) from exc
+        raise StoreUnavailable(f"redis error: {exc}") from exc
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise StoreUnavailable(f"redis unavailable: {exc}") from exc
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:
+        # RedisClusterException (slots not covered, cluster down) is not a RedisError
         raise StoreUnavailable(f"redis error: {exc}") from exc
 
 
-# KEYS[1] = dirty queue, KEYS[2] = activity index, KEYS[2 + i] = feature key of user i.
-# ARGV[1] = dirty time ('' = do not mark); then per user: expected version bytes
-# ('' = no record), the new record, the user id. Returns the users not written.
-_CAS_FEATURES_LUA: Final = f"""
+# KEYS: for each of the n shards of this call its dirty queue and its activity index,
+# then the feature key of every user. ARGV[1] = dirty time ('' = do not mark),
+# ARGV[2] = n, ARGV[3] = '1' to compare versions; then per user: its shard's position
+# (1..n), expected version bytes ('' = no record), the new record, the user id.
+# Returns the users not written (their stored version differed).
+_PUT_FEATURES_LUA: Final = f"""
+local n = tonumber(ARGV[2])
+local check = ARGV[3] == '1'
 local conflicts = {{}}
 local first, last = {VERSION_OFFSET}, {VERSION_OFFSET + VERSION_SIZE - 1}
-for i = 3, #KEYS do
-  local base = 1 + (i - 3) * 3
-  local stored = redis.call('GETRANGE', KEYS[i], first, last)
-  if stored == ARGV[base + 1] then
+for i = 2 * n + 1, #KEYS do
+  local base = 4 + (i - 2 * n - 1) * 4
+  if (not check) or redis.call('GETRANGE', KEYS[i], first, last) == ARGV[base + 1] then
     redis.call('SET', KEYS[i], ARGV[base + 2])
     if ARGV[1] ~= '' then
-      redis.call('ZADD', KEYS[1], 'LT', ARGV[1], ARGV[base + 3])
-      redis.call('ZADD', KEYS[2], 'GT', ARGV[1], ARGV[base + 3])
+      local q = tonumber(ARGV[base])
+      redis.call('ZADD', KEYS[2 * q - 1], 'LT', ARGV[1], ARGV[base + 3])
+      redis.call('ZADD', KEYS[2 * q], 'GT', ARGV[1], ARGV[base + 3])
     end
   else
     conflicts[#conflicts + 1] = ARGV[base + 3]
@@ -65,69 +90,128 @@ end
 return conflicts
 """
 
-
-# KEYS: queue, leases (scored by expiry), lease info (user -> 'token:dirty_at').
-# ARGV: now, lease expiry, limit, token. Expired leases are requeued with their
-# original dirty time first; then up to `limit` oldest users are popped and leased.
+# KEYS: per shard of this call its queue, leases (scored by expiry) and lease info
+# (user -> 'token:dirty_at'). ARGV: now, lease expiry, token, then per shard a limit.
+# Per shard, expired leases first go back to the queue with their original dirty
+# time; then up to `limit` oldest users are popped and leased. Returns
+# [user, dirty_at, ...] of every shard.
 _CLAIM_LUA: Final = f"""
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1],
-                           'LIMIT', 0, {RECLAIM_PER_CALL})
-for _, user in ipairs(expired) do
-  local info = redis.call('HGET', KEYS[3], user)
-  local at = info and string.match(info, ':(%d+)$') or ARGV[1]
-  redis.call('ZADD', KEYS[1], 'LT', at, user)
-  redis.call('ZREM', KEYS[2], user)
-  redis.call('HDEL', KEYS[3], user)
-end
-local popped = redis.call('ZPOPMIN', KEYS[1], ARGV[3])
-for i = 1, #popped, 2 do
-  redis.call('ZADD', KEYS[2], ARGV[2], popped[i])
-  redis.call('HSET', KEYS[3], popped[i], ARGV[4] .. ':' .. popped[i + 1])
-end
-return popped
-"""
-
-# KEYS: queue, leases, lease info. ARGV: token, n, then n users to release, then
-# (user, dirty_at) pairs to requeue. A lease another token holds now is kept.
-_RELEASE_LUA: Final = """
-local prefix = ARGV[1] .. ':'
-local n = tonumber(ARGV[2])
-for i = 3, 2 + n do
-  local info = redis.call('HGET', KEYS[3], ARGV[i])
-  if info and string.sub(info, 1, #prefix) == prefix then
-    redis.call('ZREM', KEYS[2], ARGV[i])
-    redis.call('HDEL', KEYS[3], ARGV[i])
+local out = {{}}
+for s = 0, #KEYS / 3 - 1 do
+  local queue, leased, info = KEYS[3 * s + 1], KEYS[3 * s + 2], KEYS[3 * s + 3]
+  local expired = redis.call('ZRANGEBYSCORE', leased, '-inf', ARGV[1],
+                             'LIMIT', 0, {RECLAIM_PER_CALL})
+  for _, user in ipairs(expired) do
+    local held = redis.call('HGET', info, user)
+    local at = held and string.match(held, ':(%d+)$') or ARGV[1]
+    redis.call('ZADD', queue, 'LT', at, user)
+    redis.call('ZREM', leased, user)
+    redis.call('HDEL', info, user)
+  end
+  local limit = tonumber(ARGV[4 + s])
+  if limit > 0 then
+    local popped = redis.call('ZPOPMIN', queue, limit)
+    for i = 1, #popped, 2 do
+      redis.call('ZADD', leased, ARGV[2], popped[i])
+      redis.call('HSET', info, popped[i], ARGV[3] .. ':' .. popped[i + 1])
+      out[#out + 1] = popped[i]
+      out[#out + 1] = popped[i + 1]
+    end
   end
 end
-for i = 3 + n, #ARGV, 2 do
-  redis.call('ZADD', KEYS[1], 'LT', ARGV[i + 1], ARGV[i])
+return out
+"""
+
+# KEYS: per shard of this call its queue, leases and lease info. ARGV[1] = token;
+# then per shard: r, k, r users to release, k (user, dirty_at) pairs to requeue.
+# A lease another token holds now is kept.
+_RELEASE_LUA: Final = """
+local prefix = ARGV[1] .. ':'
+local pos = 2
+for s = 0, #KEYS / 3 - 1 do
+  local queue, leased, info = KEYS[3 * s + 1], KEYS[3 * s + 2], KEYS[3 * s + 3]
+  local r, k = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1])
+  pos = pos + 2
+  for i = pos, pos + r - 1 do
+    local held = redis.call('HGET', info, ARGV[i])
+    if held and string.sub(held, 1, #prefix) == prefix then
+      redis.call('ZREM', leased, ARGV[i])
+      redis.call('HDEL', info, ARGV[i])
+    end
+  end
+  pos = pos + r
+  for i = pos, pos + 2 * k - 1, 2 do
+    redis.call('ZADD', queue, 'LT', ARGV[i + 1], ARGV[i])
+  end
+  pos = pos + 2 * k
 end
-return n
+return 0
 """
 
 
 class RedisStore:
-    """Redis implementation: MGET for reads, one pipeline per bulk write, bounded timeouts."""
+    """The Store on Redis or Redis Cluster (``redis+cluster://``); bounded timeouts."""
 
-    def __init__(self, url: str, timeout_ms: int = 250) -> None:
-        timeout = timeout_ms / 1000
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(ExponentialBackoff(cap=timeout / 4, base=0.002), retries=1),
-            decode_responses=False,
-        )
-        self._cas_script = self._redis.register_script(_CAS_FEATURES_LUA)
-        self._claim_script = self._redis.register_script(_CLAIM_LUA)
-        self._release_script = self._redis.register_script(_RELEASE_LUA)
+    def __init__(self, url: str, timeout_ms: int = 250, shards: int = DEFAULT_SHARDS) -> None:
+        self._address = RedisAddress.parse(url)
+        self._layout = KeyLayout(shards)
+        self._client = connect(self._address, timeout_ms / 1000)
+        self._cluster = self._client if isinstance(self._client, RedisCluster) else None
+        self._put_script = self._client.register_script(_PUT_FEATURES_LUA)
+        self._claim_script = self._client.register_script(_CLAIM_LUA)
+        self._release_script = self._client.register_script(_RELEASE_LUA)
+        self._window_start = 0
+
+    @property
+    def layout(self) -> KeyLayout:
+        return self._layout
+
+    def _errors(self) -> Any:
+        return _unavailable_on_redis_errors(self._address)
+
+    # --- plumbing: slots, shard groups ------------------------------------
+
+    async def _mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        with self._errors():
+            if len(keys) == 1:
+                return [cast(bytes | None, await self._client.get(keys[0]))]
+            if self._cluster is not None:
+                return cast(list[bytes | None], await self._cluster.mget_nonatomic(list(keys)))
+            return cast(list[bytes | None], await self._client.mget(list(keys)))
+
+    def _groups(self, shards: Sequence[int]) -> list[list[int]]:
+        """Shards that one script call may take: all on a single node, one on a cluster."""
+        ordered = sorted(set(shards))
+        if self._cluster is not None:
+            return [[s] for s in ordered]
+        return [ordered] if ordered else []
+
+    async def _all(self, calls: Sequence[Awaitable[T]]) -> list[T]:
+        """Run ``calls`` concurrently; if any failed, raise (after all have finished)."""
+        with self._errors():
+            if len(calls) == 1:
+                return [await calls[0]]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            return cast(list[T], results)
+
+    async def _pipeline(self, build: Any) -> list[Any]:
+        """One non-transactional pipeline (per node on a cluster, sent concurrently)."""
+        with self._errors():
+            async with self._client.pipeline(transaction=False) as pipe:
+                build(pipe)
+                return await pipe.execute()
+
+    # --- feature states -----------------------------------------------------
 
     async def get_features(self, user_ids: Sequence[str]) -> list[FeatureState | None]:
         if not user_ids:
             return []
-        with _unavailable_on_redis_errors():
-            raws = cast(list[bytes | None], await self._redis.mget(map(feature_key, user_ids)))
-        return [features_or_none(raw, u) for raw, u in zip(raws, user_ids, strict=True)]
+        raws = await self._mget([self._layout.feature_key(u) for u in user_ids])
+        keys = self._layout.feature_key
+        return [features_or_none(raw, keys(u)) for raw, u in zip(raws, user_ids, strict=True)]
 
     async def put_features(
         self,
@@ -137,110 +221,250 @@ class RedisStore:
     ) -> list[str]:
         if not states:
             return []
-        if expected_versions is not None:
-            return await self._compare_and_set_features(states, dirty_at_ms, expected_versions)
-        with _unavailable_on_redis_errors():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.mset({feature_key(u): encode_features(s) for u, s in states.items()})
-                if dirty_at_ms is not None:
-                    pipe.zadd(DIRTY_KEY, dict.fromkeys(states, dirty_at_ms), lt=True)
-                    pipe.zadd(ACTIVE_KEY, dict.fromkeys(states, dirty_at_ms), gt=True)
-                await pipe.execute()
-        return []
+        by_shard = self._layout.by_shard(states)
+        dirty = "" if dirty_at_ms is None else str(dirty_at_ms)
+        check = "0" if expected_versions is None else "1"
+        calls = []
+        for group in self._groups(list(by_shard)):
+            keys: list[str] = []
+            for shard in group:
+                keys += [self._layout.dirty_key(shard), self._layout.active_key(shard)]
+            args: list[bytes | str | int] = [dirty, len(group), check]
+            for position, shard in enumerate(group, start=1):
+                for user_id in by_shard[shard]:
+                    keys.append(self._layout.feature_key(user_id))
+                    expected = 0 if expected_versions is None else expected_versions[user_id]
+                    args += [
+                        position,
+                        encoded_version(expected),
+                        encode_features(states[user_id]),
+                        user_id,
+                    ]
+            calls.append(self._put_script(keys=keys, args=args))
+        conflicts = await self._all(calls)
+        return [bytes(c).decode() for found in conflicts for c in found]
 
-    async def _compare_and_set_features(
-        self,
-        states: Mapping[str, FeatureState],
-        dirty_at_ms: int | None,
-        expected_versions: Mapping[str, int],
-    ) -> list[str]:
-        user_ids = list(states)
-        args: list[bytes | str] = ["" if dirty_at_ms is None else str(dirty_at_ms)]
-        for user_id in user_ids:
-            args += [
-                encoded_version(expected_versions[user_id]),
-                encode_features(states[user_id]),
-                user_id,
-            ]
-        keys = [DIRTY_KEY, ACTIVE_KEY, *map(feature_key, user_ids)]
-        with _unavailable_on_redis_errors():
-            conflicts = await self._cas_script(keys=keys, args=args)
-        return [bytes(c).decode() for c in conflicts]
+    # --- embedding records -------------------------------------------------
 
     async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
         if not user_ids:
             return []
-        with _unavailable_on_redis_errors():
-            raws = cast(list[bytes | None], await self._redis.mget(map(embedding_key, user_ids)))
-        return [embedding_or_none(raw, u) for raw, u in zip(raws, user_ids, strict=True)]
+        raws = await self._mget([self._layout.embedding_key(u) for u in user_ids])
+        keys = self._layout.embedding_key
+        return [embedding_or_none(raw, keys(u)) for raw, u in zip(raws, user_ids, strict=True)]
 
     async def put_embeddings(self, records: Mapping[str, EmbeddingRecord]) -> None:
         if not records:
             return
-        with _unavailable_on_redis_errors():
-            await self._redis.mset(
-                {embedding_key(u): encode_embedding(r) for u, r in records.items()}
-            )
+        mapping = {self._layout.embedding_key(u): encode_embedding(r) for u, r in records.items()}
+        with self._errors():
+            if self._cluster is not None:
+                await self._cluster.mset_nonatomic(mapping)
+            else:
+                await self._client.mset(mapping)
+
+    # --- the dirty queue ---------------------------------------------------
 
     async def mark_dirty(self, dirty_at_ms: Mapping[str, int]) -> None:
         if not dirty_at_ms:
             return
-        with _unavailable_on_redis_errors():
-            # LT: add new members, and only ever lower an existing score (keep the oldest).
-            await self._redis.zadd(DIRTY_KEY, dict(dirty_at_ms), lt=True)
+        by_shard = self._layout.by_shard(dirty_at_ms)
+
+        def build(pipe: Any) -> None:
+            for shard, users in by_shard.items():
+                # LT: add new members, and only ever lower a score (keep the oldest time).
+                pipe.zadd(
+                    self._layout.dirty_key(shard), {u: dirty_at_ms[u] for u in users}, lt=True
+                )
+
+        await self._pipeline(build)
 
     async def pop_dirty(self, limit: int) -> list[tuple[str, int]]:
-        with _unavailable_on_redis_errors():
-            popped = cast(list[tuple[bytes, float]], await self._redis.zpopmin(DIRTY_KEY, limit))
-        return [(member.decode(), int(score)) for member, score in popped]
+        shards = range(self._layout.shards)
+        heads = await self._pipeline(
+            lambda pipe: [
+                pipe.zrange(self._layout.dirty_key(s), 0, limit - 1, withscores=True)
+                for s in shards
+            ]
+        )
+        oldest = heapq.nsmallest(
+            limit,
+            (
+                (int(score), member.decode(), s)
+                for s, found in zip(shards, heads, strict=True)
+                for member, score in found
+            ),
+        )
+        take: dict[int, int] = {}
+        for _, _, shard in oldest:
+            take[shard] = take.get(shard, 0) + 1
+        popped = await self._pipeline(
+            lambda pipe: [pipe.zpopmin(self._layout.dirty_key(s), n) for s, n in take.items()]
+        )
+        found = [(m.decode(), int(score)) for part in popped for m, score in part]
+        return sorted(found, key=lambda pair: (pair[1], pair[0]))
+
+    def _window(self) -> list[int]:
+        shards = self._layout.shards
+        if shards <= CLAIM_WINDOW:
+            return list(range(shards))
+        start, self._window_start = self._window_start, (self._window_start + CLAIM_WINDOW) % shards
+        return [(start + i) % shards for i in range(CLAIM_WINDOW)]
 
     async def claim_dirty(
         self, limit: int, *, token: str, now_ms: int, lease_ms: int
     ) -> list[tuple[str, int]]:
-        keys = [DIRTY_KEY, LEASED_KEY, LEASE_INFO_KEY]
-        args: list[str | int] = [now_ms, now_ms + lease_ms, limit, token]
-        with _unavailable_on_redis_errors():
-            flat = cast(list[bytes], await self._claim_script(keys=keys, args=args))
-        return [(flat[i].decode(), int(float(flat[i + 1]))) for i in range(0, len(flat), 2)]
+        """Oldest first within a shard; across shards, the shards with the oldest heads
+        are served first, so the first user claimed is the oldest of the shards looked
+        at (all of them up to :data:`CLAIM_WINDOW`, else a window rotating per call)."""
+        window = self._window()
+        claimed, requeued = await self._claim_once(window, limit, token, now_ms, lease_ms)
+        if requeued and len(claimed) < limit:
+            # expired leases went back to their queues: claim them now, as one step would
+            more, _ = await self._claim_once(window, limit - len(claimed), token, now_ms, lease_ms)
+            claimed += more
+        return sorted(claimed, key=lambda pair: pair[1])
+
+    async def _claim_once(
+        self, window: Sequence[int], limit: int, token: str, now_ms: int, lease_ms: int
+    ) -> tuple[list[tuple[str, int]], bool]:
+        """One peek at the window's heads, then one claim script per shard group.
+        Returns the users claimed and whether expired leases were requeued."""
+        layout = self._layout
+
+        def peek(pipe: Any) -> None:
+            for shard in window:
+                pipe.zcard(layout.dirty_key(shard))
+                pipe.zrange(layout.dirty_key(shard), 0, 0, withscores=True)
+                pipe.zrange(layout.leased_key(shard), 0, 0, withscores=True)
+
+        flat = await self._pipeline(peek)
+        queued, expired = [], []
+        for i, shard in enumerate(window):
+            size, head, lease = flat[3 * i : 3 * i + 3]
+            if size:
+                queued.append((int(head[0][1]), shard, int(size)))
+            if lease and int(lease[0][1]) <= now_ms:
+                expired.append(shard)
+        plan: dict[int, int] = dict.fromkeys(expired, 0)
+        remaining = limit
+        for _, shard, size in sorted(queued):
+            if remaining <= 0:
+                break
+            plan[shard] = min(size, remaining)
+            remaining -= plan[shard]
+        if not plan:
+            return [], False
+        calls = []
+        for group in self._groups(list(plan)):
+            keys = [key for shard in group for key in layout.queue_keys(shard)]
+            args: list[str | int] = [now_ms, now_ms + lease_ms, token, *(plan[s] for s in group)]
+            calls.append(self._claim_script(keys=keys, args=args))
+        claimed = [
+            (found[i].decode(), int(float(found[i + 1])))
+            for found in await self._all(calls)
+            for i in range(0, len(found), 2)
+        ]
+        return claimed, bool(expired)
 
     async def release_claim(
         self, token: str, user_ids: Sequence[str], requeue: Mapping[str, int] | None = None
     ) -> None:
         if not user_ids and not requeue:
             return
-        args: list[str | int] = [token, len(user_ids), *user_ids]
-        for user_id, at in (requeue or {}).items():
-            args += [user_id, at]
-        with _unavailable_on_redis_errors():
-            await self._release_script(keys=[DIRTY_KEY, LEASED_KEY, LEASE_INFO_KEY], args=args)
-
-    async def active_users(self, start: int, count: int) -> list[str]:
-        with _unavailable_on_redis_errors():
-            found = cast(
-                list[bytes], await self._redis.zrevrange(ACTIVE_KEY, start, start + count - 1)
-            )
-        return [u.decode() for u in found]
-
-    async def trim_active(self, keep: int) -> None:
-        with _unavailable_on_redis_errors():
-            await self._redis.zremrangebyrank(ACTIVE_KEY, 0, -(keep + 1))
-
-    async def claim_job(self, name: str, ttl_ms: int) -> bool:
-        with _unavailable_on_redis_errors():
-            return bool(await self._redis.set(f"userembed:job:{name}", 1, nx=True, px=ttl_ms))
+        releases = self._layout.by_shard(user_ids)
+        requeues = self._layout.by_shard(requeue or {})
+        calls = []
+        for group in self._groups([*releases, *requeues]):
+            keys = [key for shard in group for key in self._layout.queue_keys(shard)]
+            args: list[str | int] = [token]
+            for shard in group:
+                release, back = releases.get(shard, []), requeues.get(shard, [])
+                args += [len(release), len(back), *release]
+                for user_id in back:
+                    args += [user_id, (requeue or {})[user_id]]
+            calls.append(self._release_script(keys=keys, args=args))
+        await self._all(calls)
 
     async def dirty_stats(self) -> DirtyStats:
-        with _unavailable_on_redis_errors():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.zcard(DIRTY_KEY)
-                pipe.zrange(DIRTY_KEY, 0, 0, withscores=True)
-                pipe.zcard(LEASED_KEY)
-                depth, oldest, leased = await pipe.execute()
-        return DirtyStats(int(depth), int(oldest[0][1]) if oldest else None, int(leased))
+        shards = range(self._layout.shards)
+
+        def build(pipe: Any) -> None:
+            for shard in shards:
+                pipe.zcard(self._layout.dirty_key(shard))
+                pipe.zrange(self._layout.dirty_key(shard), 0, 0, withscores=True)
+                pipe.zcard(self._layout.leased_key(shard))
+
+        flat = await self._pipeline(build)
+        depth = sum(int(d) for d in flat[0::3])
+        heads = [int(h[0][1]) for h in flat[1::3] if h]
+        leased = sum(int(n) for n in flat[2::3])
+        return DirtyStats(depth, min(heads) if heads else None, leased)
+
+    # --- activity index ----------------------------------------------------
+
+    async def active_users(self, cursor: int, count: int) -> tuple[list[str], int]:
+        """A page of ranks [cursor, cursor + count) of the shards' activity orders
+        interleaved (rank r = position r // S of shard r % S), most recent first within
+        the page: the most recent user of every shard comes in the first S ranks."""
+        shards = self._layout.shards
+        end = cursor + count
+        ranges = []
+        for shard in range(shards):
+            first = max(0, -(-(cursor - shard) // shards))
+            last = (end - 1 - shard) // shards
+            if last >= first:
+                ranges.append((shard, first, last))
+
+        def build(pipe: Any) -> None:
+            for shard, first, last in ranges:
+                pipe.zrevrange(self._layout.active_key(shard), first, last, withscores=True)
+            for shard in range(shards):
+                pipe.zcard(self._layout.active_key(shard))
+
+        flat = await self._pipeline(build)
+        page = sorted(
+            (-score, member.decode())
+            for members in flat[: len(ranges)]
+            for member, score in members
+        )
+        longest = max((int(n) for n in flat[len(ranges) :]), default=0)
+        return [user for _, user in page], (end if end < longest * shards else 0)
+
+    async def trim_active(self, keep: int) -> None:
+        per_shard = -(-keep // self._layout.shards)
+        await self._pipeline(
+            lambda pipe: [
+                pipe.zremrangebyrank(self._layout.active_key(s), 0, -(per_shard + 1))
+                for s in range(self._layout.shards)
+            ]
+        )
+
+    # --- the rest ----------------------------------------------------------
+
+    async def claim_job(self, name: str, ttl_ms: int) -> bool:
+        with self._errors():
+            return bool(await self._client.set(job_key(name), 1, nx=True, px=ttl_ms))
+
+    async def open(self) -> None:
+        """Check the deployment before traffic: one sentence for a misconfiguration
+        (:class:`StoreMisconfigured`); :class:`StoreUnavailable` if it does not answer."""
+        with self._errors():
+            if self._cluster is not None:
+                try:
+                    await self._cluster.initialize()
+                except RedisClusterException as exc:
+                    if "cluster mode is not enabled" in str(exc).lower():
+                        raise StoreMisconfigured(self._address.not_cluster_sentence()) from exc
+                    raise
+                return
+            info = await self._client.info("cluster")
+            if int(info.get("cluster_enabled", 0)):
+                raise StoreMisconfigured(self._address.is_cluster_sentence())
 
     async def ping(self) -> None:
-        with _unavailable_on_redis_errors():
-            await self._redis.ping()
+        with self._errors():
+            await self._client.ping()
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._client.aclose()

@@ -24,6 +24,20 @@ def free_port() -> int:
         return port
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        try:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+
+
 def _binary(name: str) -> str:
     binary = shutil.which(name)
     if binary is None:
@@ -165,7 +179,11 @@ def private_redis_cluster(
 ) -> Iterator[LocalCluster]:
     """Start ``primaries * (1 + replicas)`` cluster-enabled redis-servers on free loopback
     ports, join them with ``redis-cli --cluster create`` and yield the running cluster."""
-    ports = [free_port() for _ in range(primaries * (1 + replicas))]
+    ports: list[int] = []
+    while len(ports) < primaries * (1 + replicas):
+        port = free_cluster_port()
+        if port not in ports:
+            ports.append(port)
     cluster = LocalCluster(ports)
     with tempfile.TemporaryDirectory(prefix="userembed-cluster-") as workdir, ExitStack() as stack:
         for port in ports:

@@ -86,12 +86,14 @@ async def reembed_active(
     if not await store.claim_job(f"reembed:{model_version}", ttl_ms=24 * 3_600_000):
         log.info("event=reembed_skipped version=%s reason='another worker does it'", model_version)
         return 0
-    queued = start = 0
+    queued = start = cursor = 0
     log.info("event=reembed_started version=%s rate=%.0f/s", model_version, rate_per_s)
     while not stop.is_set() and start < max_users:
-        users = await store.active_users(start, min(page, max_users - start))
+        users, cursor = await store.active_users(cursor, min(page, max_users - start))
         if not users:
-            break
+            if cursor == 0:
+                break
+            continue
         records = await store.get_embeddings(users)
         now = clock()
         todo = {
@@ -111,5 +113,7 @@ async def reembed_active(
                 queued,
             )
         await sleep_unless_stopped(stop, len(users) / rate_per_s)
+        if cursor == 0:
+            break
     log.info("event=reembed_done version=%s scanned=%d queued=%d", model_version, start, queued)
     return queued

@@ -26,7 +26,7 @@ from service.api.proto.userembed.v1 import embeddings_pb2_grpc as pb_grpc
 from service.api.reads import EmbeddingReader
 from service.core.embeddings import EmbeddingRecord
 from service.settings import Settings
-from service.store.keys import DIRTY_KEY
+from service.store.keys import DEFAULT_SHARDS, KeyLayout
 from service.store.redis import RedisStore
 from tests.helpers import BASE_TS
 
@@ -79,7 +79,12 @@ class Api:
     def dirty(self) -> list[str]:
         client = redis.Redis.from_url(self.redis_url)
         try:
-            return sorted(u.decode() for u in client.zrange(DIRTY_KEY, 0, -1))
+            layout = KeyLayout(DEFAULT_SHARDS)
+            return sorted(
+                u.decode()
+                for shard in range(layout.shards)
+                for u in client.zrange(layout.dirty_key(shard), 0, -1)
+            )
         finally:
             client.close()
 

@@ -23,7 +23,7 @@ from service.api.server import EmbeddedServer, http_config
 from service.core.embeddings import EmbeddingRecord, encode_embedding
 from service.ingest.updater import InProcessEventSource
 from service.settings import Settings
-from service.store.keys import embedding_key
+from service.store.keys import DEFAULT_SHARDS, KeyLayout
 from service.store.redis import RedisStore
 from service.store.redis_server import free_port
 
@@ -41,7 +41,7 @@ def live_api(redis_url: str) -> Iterator[str]:
         record = EmbeddingRecord(
             np.ones(8, dtype=np.float16), "m1", "m1", int(time.time() * 1000), i
         )
-        client.set(embedding_key(f"u{i}"), encode_embedding(record))
+        client.set(KeyLayout(DEFAULT_SHARDS).embedding_key(f"u{i}"), encode_embedding(record))
     client.close()
     settings = Settings(batch_get_max_ids=20, api_events_max=5)
     port = free_port()

@@ -1,4 +1,5 @@
-"""One contract, two stores: every test runs on MemoryStore and on a real redis-server."""
+"""One contract, every store: each test runs on MemoryStore, a real redis-server and a
+real Redis Cluster (3 primaries, 3 replicas), with keys spread over several shards."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import redis
 
 from service.core.embeddings import EmbeddingRecord
 from service.core.features import FeatureState, apply_events
-from service.store.keys import feature_key
+from service.store.keys import KeyLayout
 from service.store.protocol import Store, StoreUnavailable
 from service.store.redis import RedisStore
 from service.store.redis_server import free_port
@@ -86,7 +87,7 @@ async def test_many_users_in_one_call(store: Store) -> None:
 
 async def test_an_unreadable_redis_record_reads_as_absent(clean_redis: str) -> None:
     client = redis.Redis.from_url(clean_redis)
-    client.set(feature_key("broken"), b"garbage")
+    client.set(KeyLayout(64).feature_key("broken"), b"garbage")
     client.close()
     store = RedisStore(clean_redis)
     try:
@@ -127,16 +128,40 @@ async def test_claiming_no_record_when_one_exists_is_a_conflict(store: Store) ->
     assert await store.put_features({"a": state_for("a", 2)}, expected_versions={"a": 0}) == ["a"]
 
 
+def shard_count(store: Store) -> int:
+    """How many shards the store spreads users over (the memory store is one)."""
+    layout = getattr(store, "layout", None)
+    return 1 if layout is None else int(layout.shards)
+
+
 async def test_claims_lease_the_oldest_users_and_release_ends_the_lease(store: Store) -> None:
     await store.mark_dirty({"a": 30, "b": 10, "c": 20})
-    claimed = await store.claim_dirty(2, token="w1", now_ms=1000, lease_ms=500)
-    assert claimed == [("b", 10), ("c", 20)]
+    # one at a time, the oldest comes first whatever the shards
+    assert await store.claim_dirty(1, token="w1", now_ms=1000, lease_ms=500) == [("b", 10)]
+    assert await store.claim_dirty(1, token="w1", now_ms=1000, lease_ms=500) == [("c", 20)]
     stats = await store.dirty_stats()
     assert (stats.depth, stats.leased) == (1, 2)
     await store.release_claim("w1", ["b", "c"])
     assert (await store.dirty_stats()).leased == 0
     # released users stay done: a claim after any expiry time finds only 'a'
     assert await store.claim_dirty(5, token="w2", now_ms=10**9, lease_ms=500) == [("a", 30)]
+
+
+async def test_a_claim_takes_at_most_its_limit_oldest_first_within_each_shard(
+    store: Store,
+) -> None:
+    dirty = {f"u{i}": 1000 + i for i in range(200)}
+    await store.mark_dirty(dirty)
+    claimed = await store.claim_dirty(50, token="w", now_ms=5000, lease_ms=500)
+    assert len(claimed) == 50 and len(dict(claimed)) == 50
+    assert claimed[0] == ("u0", 1000)  # the oldest of all
+    assert all(dirty[u] == at for u, at in claimed)
+    layout = KeyLayout(shard_count(store))
+    for shard, users in layout.by_shard(dirty).items():
+        taken = sorted(dirty[u] for u, _ in claimed if layout.shard(u) == shard)
+        assert taken == sorted(dirty[u] for u in users)[: len(taken)]  # a prefix: oldest
+    rest = await store.claim_dirty(1000, token="w", now_ms=5000, lease_ms=500)
+    assert sorted([*claimed, *rest]) == sorted(dirty.items())
 
 
 async def test_an_expired_lease_returns_the_user_with_its_original_dirty_time(
@@ -170,15 +195,44 @@ async def test_release_can_requeue_a_failed_batch_in_the_same_step(store: Store)
     assert (stats.depth, stats.leased, stats.oldest_ms) == (2, 0, 10)
 
 
+async def all_active(store: Store, page: int = 10) -> list[str]:
+    """Every active user, paging with the store's cursor until it says the end."""
+    found, cursor = [], 0
+    while True:
+        users, cursor = await store.active_users(cursor, page)
+        found += users
+        if cursor == 0:
+            return found
+
+
 async def test_activity_index_orders_users_by_last_event_and_is_bounded(store: Store) -> None:
     await store.put_features({"a": state_for("a"), "b": state_for("b")}, dirty_at_ms=100)
     await store.put_features({"c": state_for("c")}, dirty_at_ms=300)
     await store.put_features({"a": state_for("a", 4)}, dirty_at_ms=200)
     await store.put_features({"b": state_for("b", 5)})  # not an event batch: no activity
-    assert await store.active_users(0, 10) == ["c", "a", "b"]
-    assert await store.active_users(1, 1) == ["a"]
-    await store.trim_active(2)
-    assert await store.active_users(0, 10) == ["c", "a"]
+    users, _ = await store.active_users(0, max(10, shard_count(store)))
+    assert users == ["c", "a", "b"]  # a page of one or more per shard: most recent first
+    found = await all_active(store, page=1)
+    assert sorted(found) == ["a", "b", "c"] and len(found) == 3
+
+
+async def test_paging_the_activity_index_sees_every_user_once_most_recent_first_per_shard(
+    store: Store,
+) -> None:
+    for i in range(120):
+        await store.put_features({f"u{i}": state_for(f"u{i}", 1)}, dirty_at_ms=1000 + i)
+    for page in (1, 7, 500):
+        found = await all_active(store, page)
+        assert sorted(found) == sorted(f"u{i}" for i in range(120)) and len(found) == 120
+        layout = KeyLayout(shard_count(store))
+        for shard in range(layout.shards):
+            times = [int(u[1:]) for u in found if layout.shard(u) == shard]
+            assert times == sorted(times, reverse=True)
+    await store.trim_active(30)
+    kept = await all_active(store)
+    assert "u119" in kept and 30 <= len(kept) < 30 + shard_count(store)
+    if shard_count(store) == 1:
+        assert sorted(kept) == sorted(f"u{i}" for i in range(90, 120))
 
 
 async def test_a_job_is_claimed_once_until_it_expires(store: Store) -> None:
@@ -189,4 +243,4 @@ async def test_a_job_is_claimed_once_until_it_expires(store: Store) -> None:
 
 async def test_compare_and_set_writes_record_activity_too(store: Store) -> None:
     await store.put_features({"a": state_for("a", 1)}, 100, expected_versions={"a": 0})
-    assert await store.active_users(0, 10) == ["a"]
+    assert await all_active(store) == ["a"]
