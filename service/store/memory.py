@@ -69,6 +69,17 @@ class MemoryStore:
         for user_id, record in records.items():
             self._embeddings[user_id] = encode_embedding(record)
 
+    async def get_features_and_embeddings(
+        self, user_ids: Sequence[str]
+    ) -> tuple[list[FeatureState | None], list[EmbeddingRecord | None]]:
+        return await self.get_features(user_ids), await self.get_embeddings(user_ids)
+
+    async def write_and_release(
+        self, token: str, records: Mapping[str, EmbeddingRecord], claimed: Sequence[str]
+    ) -> None:
+        await self.put_embeddings(records)
+        await self.release_claim(token, claimed)
+
     async def mark_dirty(self, dirty_at_ms: Mapping[str, int]) -> None:
         self._mark(dirty_at_ms)
 

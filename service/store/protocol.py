@@ -57,6 +57,17 @@ class Store(Protocol):
 
     async def put_embeddings(self, records: Mapping[str, EmbeddingRecord]) -> None: ...
 
+    async def get_features_and_embeddings(
+        self, user_ids: Sequence[str]
+    ) -> tuple[list[FeatureState | None], list[EmbeddingRecord | None]]:
+        """Both reads of a worker batch in one round trip (per node)."""
+
+    async def write_and_release(
+        self, token: str, records: Mapping[str, EmbeddingRecord], claimed: Sequence[str]
+    ) -> None:
+        """Write ``records`` and end ``token``'s leases on ``claimed`` in one step per
+        shard (a lease re-taken by another token is left alone)."""
+
     async def mark_dirty(self, dirty_at_ms: Mapping[str, int]) -> None:
         """Queue users for recomputation; a user already queued keeps its older time."""
 

@@ -149,6 +149,34 @@ return 0
 """
 
 
+# KEYS: per shard of this call its queue, leases and lease info (3n keys), then the
+# embedding key of every record. ARGV[1] = token, ARGV[2] = n; then per shard r and the
+# r users whose leases end (a lease another token holds now is kept); then one record
+# per embedding key.
+_WRITE_AND_RELEASE_LUA: Final = """
+local prefix = ARGV[1] .. ':'
+local n = tonumber(ARGV[2])
+local pos = 3
+for s = 0, n - 1 do
+  local leased, info = KEYS[3 * s + 2], KEYS[3 * s + 3]
+  local r = tonumber(ARGV[pos])
+  for i = pos + 1, pos + r do
+    local held = redis.call('HGET', info, ARGV[i])
+    if held and string.sub(held, 1, #prefix) == prefix then
+      redis.call('ZREM', leased, ARGV[i])
+      redis.call('HDEL', info, ARGV[i])
+    end
+  end
+  pos = pos + r + 1
+end
+for i = 3 * n + 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[pos])
+  pos = pos + 1
+end
+return 0
+"""
+
+
 class RedisStore:
     """The Store on Redis or Redis Cluster (``redis+cluster://``); bounded timeouts."""
 
@@ -160,6 +188,7 @@ class RedisStore:
         self._put_script = self._client.register_script(_PUT_FEATURES_LUA)
         self._claim_script = self._client.register_script(_CLAIM_LUA)
         self._release_script = self._client.register_script(_RELEASE_LUA)
+        self._write_release_script = self._client.register_script(_WRITE_AND_RELEASE_LUA)
         self._window_start = 0
 
     @property
@@ -262,6 +291,40 @@ class RedisStore:
                 await self._cluster.mset_nonatomic(mapping)
             else:
                 await self._client.mset(mapping)
+
+    async def get_features_and_embeddings(
+        self, user_ids: Sequence[str]
+    ) -> tuple[list[FeatureState | None], list[EmbeddingRecord | None]]:
+        if not user_ids:
+            return [], []
+        layout = self._layout
+        feature_keys = [layout.feature_key(u) for u in user_ids]
+        embedding_keys = [layout.embedding_key(u) for u in user_ids]
+        raws = await self._mget([*feature_keys, *embedding_keys])
+        n = len(user_ids)
+        return (
+            [features_or_none(raw, k) for raw, k in zip(raws[:n], feature_keys, strict=True)],
+            [embedding_or_none(raw, k) for raw, k in zip(raws[n:], embedding_keys, strict=True)],
+        )
+
+    async def write_and_release(
+        self, token: str, records: Mapping[str, EmbeddingRecord], claimed: Sequence[str]
+    ) -> None:
+        written = self._layout.by_shard(records)
+        released = self._layout.by_shard(claimed)
+        calls = []
+        for group in self._groups([*written, *released]):
+            keys = [key for shard in group for key in self._layout.queue_keys(shard)]
+            args: list[bytes | str | int] = [token, len(group)]
+            for shard in group:
+                users = released.get(shard, [])
+                args += [len(users), *users]
+            for shard in group:
+                for user_id in written.get(shard, []):
+                    keys.append(self._layout.embedding_key(user_id))
+                    args.append(encode_embedding(records[user_id]))
+            calls.append(self._write_release_script(keys=keys, args=args))
+        await self._all(calls)
 
     # --- the dirty queue ---------------------------------------------------
 

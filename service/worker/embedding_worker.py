@@ -160,14 +160,12 @@ class EmbeddingWorker:
         )
 
     async def _fetch(self, claimed: dict[str, int]) -> _Batch:
-        """Features and served records of the batch (two concurrent bulk reads), assembled."""
+        """Features and served records of the batch (one bulk read), assembled."""
         batch = _Batch(claimed=claimed, model=self._model)
         user_ids = list(claimed)
         WORKER_BATCH_SIZE.observe(len(user_ids))
         with _stage("fetch"):
-            states, previous = await asyncio.gather(
-                self._store.get_features(user_ids), self._store.get_embeddings(user_ids)
-            )
+            states, previous = await self._store.get_features_and_embeddings(user_ids)
         for user_id, state, record in zip(user_ids, states, previous, strict=True):
             if state is not None:
                 batch.users.append(user_id)
@@ -232,8 +230,7 @@ class EmbeddingWorker:
 
     async def _write(self, batch: _Batch) -> int:
         with _stage("write"):
-            await self._store.put_embeddings(batch.records)
-            await self._store.release_claim(self.token, list(batch.claimed))
+            await self._store.write_and_release(self.token, batch.records, list(batch.claimed))
         written_at = self._clock()
         for user_id in batch.records:
             WORKER_EMBEDDING_STALENESS.observe(max(0, written_at - batch.claimed[user_id]) / 1e3)

@@ -244,3 +244,28 @@ async def test_a_job_is_claimed_once_until_it_expires(store: Store) -> None:
 async def test_compare_and_set_writes_record_activity_too(store: Store) -> None:
     await store.put_features({"a": state_for("a", 1)}, 100, expected_versions={"a": 0})
     assert await all_active(store) == ["a"]
+
+
+async def test_a_worker_batch_reads_both_records_and_writes_and_releases_in_one_step(
+    store: Store,
+) -> None:
+    users = [f"u{i}" for i in range(30)]
+    await store.put_features({u: state_for(u, 2) for u in users[:20]}, dirty_at_ms=BASE_TS)
+    await store.put_embeddings({u: record(i) for i, u in enumerate(users[10:25])})
+    states, records = await store.get_features_and_embeddings(users)
+    assert [s is not None for s in states] == [True] * 20 + [False] * 10
+    assert [r is not None for r in records] == [False] * 10 + [True] * 15 + [False] * 5
+    claimed = [u for u, _ in await store.claim_dirty(100, token="w", now_ms=1, lease_ms=10**6)]
+    assert sorted(claimed) == sorted(users[:20])
+    stolen = claimed[0]  # its lease expired and another worker holds it now
+    fresh = {u: record(100 + i) for i, u in enumerate(claimed)}
+    await store.release_claim("w", [stolen], requeue={stolen: BASE_TS})
+    await store.claim_dirty(1, token="other", now_ms=2, lease_ms=10**6)
+    await store.write_and_release("w", fresh, claimed)
+    stats = await store.dirty_stats()
+    assert (stats.depth, stats.leased) == (0, 1)  # only the other worker's lease is left
+    _, written = await store.get_features_and_embeddings(claimed)
+    assert [r.computed_at_ms if r else None for r in written] == [
+        fresh[u].computed_at_ms for u in claimed
+    ]
+    assert await store.get_features_and_embeddings([]) == ([], [])
