@@ -33,6 +33,12 @@ class Settings(BaseSettings):
         description="Shard hash tags of the key layout: a multiple of the Kafka partitions, "
         "8-16x the cluster's primaries, fixed for the life of the data (docs/capacity.md)",
     )
+    redis_write_replicas: int = Field(
+        0,
+        ge=0,
+        description="Replicas that must acknowledge an ingest write (Redis WAIT) before its "
+        "Kafka offsets are committed: 1 on a cluster with replicas, so a failover loses none",
+    )
 
     # --- kafka (ingest) ----------------------------------------------------
     kafka_bootstrap: str = "localhost:9092"

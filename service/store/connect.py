@@ -18,7 +18,12 @@ def open_store(settings: Settings) -> Store:
     Raises ValueError, saying what to change, for a URL that names no store."""
     if settings.redis_url.startswith("memory://"):
         return MemoryStore()
-    return RedisStore(settings.redis_url, settings.redis_timeout_ms, settings.redis_shards)
+    return RedisStore(
+        settings.redis_url,
+        settings.redis_timeout_ms,
+        settings.redis_shards,
+        write_replicas=settings.redis_write_replicas,
+    )
 
 
 async def open_checked_store(settings: Settings) -> Store:

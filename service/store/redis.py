@@ -53,7 +53,10 @@ def _unavailable_on_redis_errors(address: RedisAddress) -> Iterator[None]:
     except ResponseError as exc:
         # A plain client at a cluster node: MOVED for keys elsewhere, CROSSSLOT for a
         # bulk call spanning nodes. Retrying will not help; the URL must change.
-        wrong_topology = isinstance(exc, MovedError) or str(exc).startswith("CROSSSLOT")
+        message = str(exc)
+        wrong_topology = isinstance(exc, MovedError) or (
+            message.startswith("CROSSSLOT") or "hash to the same slot" in message
+        )
         if wrong_topology and not address.cluster:
             raise StoreMisconfigured(address.is_cluster_sentence()) from exc
         raise StoreUnavailable(f"redis error: {exc}") from exc
@@ -180,8 +183,20 @@ return 0
 class RedisStore:
     """The Store on Redis or Redis Cluster (``redis+cluster://``); bounded timeouts."""
 
-    def __init__(self, url: str, timeout_ms: int = 250, shards: int = DEFAULT_SHARDS) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout_ms: int = 250,
+        shards: int = DEFAULT_SHARDS,
+        *,
+        write_replicas: int = 0,
+    ) -> None:
+        """``write_replicas``: replicas that must acknowledge a feature write (Redis
+        WAIT) before it counts as durable; 0 trusts the primary (no replicas, or a lost
+        write on failover is acceptable)."""
         self._address = RedisAddress.parse(url)
+        self._write_replicas = write_replicas
+        self._wait_ms = max(1, timeout_ms // 2)
         self._layout = KeyLayout(shards)
         self._client = connect(self._address, timeout_ms / 1000)
         self._cluster = self._client if isinstance(self._client, RedisCluster) else None
@@ -269,9 +284,30 @@ class RedisStore:
                         encode_features(states[user_id]),
                         user_id,
                     ]
-            calls.append(self._put_script(keys=keys, args=args))
+            calls.append(self._put(keys, args))
         conflicts = await self._all(calls)
         return [bytes(c).decode() for found in conflicts for c in found]
+
+    async def _put(self, keys: list[str], args: list[bytes | str | int]) -> list[bytes]:
+        """One feature-write script call; with ``write_replicas``, sent in one pipeline
+        with a WAIT on the same connection, so the write counts only once replicated
+        (asynchronous replication would otherwise lose it if the primary dies)."""
+        if not self._write_replicas:
+            return cast(list[bytes], await self._put_script(keys=keys, args=args))
+        wait: dict[str, Any] = {}
+        if self._cluster is not None:
+            await self._cluster.initialize()  # the slot map (a no-op once loaded)
+            wait["target_nodes"] = [self._cluster.get_node_from_key(keys[0])]
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.execute_command("EVAL", _PUT_FEATURES_LUA, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self._write_replicas, self._wait_ms, **wait)
+            conflicts, acked = await pipe.execute()
+        if int(acked) < self._write_replicas:
+            raise StoreUnavailable(
+                f"a feature write reached {acked} of {self._write_replicas} replicas within "
+                f"{self._wait_ms} ms (USEREMBED_REDIS_WRITE_REPLICAS); retrying"
+            )
+        return cast(list[bytes], conflicts)
 
     # --- embedding records -------------------------------------------------
 

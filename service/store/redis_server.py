@@ -145,6 +145,14 @@ class LocalCluster:
             )
         return []
 
+    def _replicas_in_sync(self) -> bool:
+        """Every live replica has finished its sync with its primary (link up)."""
+        for port in self.live_ports():
+            info = self.cli("-p", str(port), "info", "replication", timeout_s=5)
+            if "role:slave" in info and "master_link_status:up" not in info:
+                return False
+        return True
+
     def live_ports(self) -> list[int]:
         return [p for p, proc in self.processes.items() if proc.poll() is None]
 
@@ -155,7 +163,8 @@ class LocalCluster:
         process.wait()
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
-        """Until every live node reports cluster_state:ok and all 16384 slots served."""
+        """Until every live node reports cluster_state:ok with all 16384 slots served and
+        every live replica is in sync with its primary."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -165,8 +174,10 @@ class LocalCluster:
                 ]
             except (RuntimeError, subprocess.TimeoutExpired):
                 infos = []
-            if infos and all(
-                "cluster_state:ok" in i and "cluster_slots_ok:16384" in i for i in infos
+            if (
+                infos
+                and all("cluster_state:ok" in i and "cluster_slots_ok:16384" in i for i in infos)
+                and self._replicas_in_sync()
             ):
                 return
             time.sleep(0.1)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from service.settings import Settings
+from service.store.address import RedisAddress
 from tests.deploy.crd_schemas import validate_custom_resource
 from tests.deploy.kustomize import Obj, pod_spec, render, split_image
 
@@ -27,6 +28,9 @@ WRITABLE_ROOT = {
     ("StatefulSet", "userembed-kafka", "kafka"): "apache/kafka renders its config at start-up",
 }
 SECRET_NAME = "userembed-secrets"
+ROLES = ("api", "ingest", "worker")
+# Redis Cluster hashes keys to this many slots; a shard is one hash tag, so one slot.
+REDIS_SLOTS = 16384
 
 
 @pytest.fixture(scope="module", params=sorted(TARGETS))
@@ -76,6 +80,13 @@ def test_the_secret_template_is_valid_and_holds_no_secret() -> None:
     for key, value in secret["stringData"].items():
         assert "REPLACE_ME" in value, f"{key}: the template must hold placeholders only"
         assert key.removeprefix("USEREMBED_").lower() in Settings.model_fields, key
+    # The prod overlay's store: a managed Redis Cluster over TLS with a token, no db number.
+    url = secret["stringData"]["USEREMBED_REDIS_URL"]
+    address = RedisAddress.parse(url)
+    assert address.cluster and address.tls, f"{url}: use rediss+cluster://"
+    assert address.password == "REPLACE_ME" and address.nodes
+    assert "/" not in url.split("://", 1)[1], "a cluster has only database 0"
+    assert Settings(redis_url=url).redis_url == url
 
 
 def test_object_names_are_unique(rendered: tuple[str, list[Obj]]) -> None:
@@ -337,6 +348,12 @@ def test_referenced_config_and_volumes_exist(rendered: tuple[str, list[Obj]]) ->
                     assert ("ConfigMap", ref["configMapRef"]["name"]) in names
                 else:
                     assert ref["secretRef"]["name"] == SECRET_NAME
+            for var in container.get("env", []):
+                source = var.get("valueFrom", {})
+                if "secretKeyRef" in source:
+                    assert source["secretKeyRef"]["name"] == SECRET_NAME, var["name"]
+                elif "configMapKeyRef" in source:
+                    assert ("ConfigMap", source["configMapKeyRef"]["name"]) in names
             volumes = {v["name"] for v in spec.get("volumes", [])}
             for mount in container.get("volumeMounts", []):
                 assert mount["name"] in volumes, f"{obj['metadata']['name']}: {mount}"
@@ -362,6 +379,7 @@ def test_config_keys_are_settings(
         monkeypatch.setenv(key, value)
     settings = Settings()  # parsed as the pods will parse it
     assert settings.kafka_topic == "user-events"
+    assert settings.redis_shards == int(config["USEREMBED_REDIS_SHARDS"])
 
 
 def test_the_registry_path_is_mounted_or_baked(rendered: tuple[str, list[Obj]]) -> None:
@@ -392,6 +410,73 @@ def test_network_policies_admit_the_traffic_the_roles_need(
     assert {53, 6379, 9092} <= egress_ports
     api_in = _find(objects, "NetworkPolicy", "userembed-api-ingress")
     assert {p["port"] for p in api_in["spec"]["ingress"][0]["ports"]} == {8000, 50051}
+
+
+# --- the store: single Redis in dev, a managed Redis Cluster in prod ---------------------------
+
+
+def _redis_url_sources(objects: list[Obj], role: str) -> list[Obj]:
+    env = _container(objects, f"userembed-{role}").get("env", [])
+    return [var for var in env if var["name"] == "USEREMBED_REDIS_URL"]
+
+
+def test_redis_shards_are_a_multiple_of_the_partitions(rendered: tuple[str, list[Obj]]) -> None:
+    """Every user key carries a shard hash tag; a multiple of the partitions lets one
+    ingest member's partition map onto whole shards (and so few slots)."""
+    target, objects = rendered
+    config = _find(objects, "ConfigMap", "userembed-config")["data"]
+    shards = int(config["USEREMBED_REDIS_SHARDS"])
+    assert 1 <= shards <= REDIS_SLOTS
+    partitions = _topic_partitions(target, objects)
+    if partitions is None:
+        pytest.skip("the base defines no topic")
+    assert shards % partitions == 0, f"{shards} shards for {partitions} partitions"
+    assert shards >= partitions
+
+
+def test_dev_keeps_its_single_redis() -> None:
+    objects = render(TARGETS["dev"])
+    config = _find(objects, "ConfigMap", "userembed-config")["data"]
+    address = RedisAddress.parse(config["USEREMBED_REDIS_URL"])
+    assert not address.cluster
+    assert config["USEREMBED_REDIS_URL"] == "redis://userembed-redis:6379/0"
+    _find(objects, "Service", "userembed-redis")
+    for role in ROLES:
+        assert not _redis_url_sources(objects, role), role
+
+
+def test_prod_reads_the_redis_cluster_url_from_the_secret() -> None:
+    objects = render(TARGETS["prod"])
+    config = _find(objects, "ConfigMap", "userembed-config")["data"]
+    assert "USEREMBED_REDIS_URL" not in config
+    for role in ROLES:
+        (var,) = _redis_url_sources(objects, role)
+        # Required (no `optional`): a Secret without the key keeps the pod from starting
+        # instead of the role falling back to the default in-memory store.
+        assert var == {
+            "name": "USEREMBED_REDIS_URL",
+            "valueFrom": {"secretKeyRef": {"name": SECRET_NAME, "key": "USEREMBED_REDIS_URL"}},
+        }, role
+    # No Redis address or password is written into any rendered object.
+    text = yaml.safe_dump_all(objects)
+    assert not re.search(r"rediss?(\+cluster)?://", text), "the Redis URL belongs in the Secret"
+    # A cluster client follows redirects to every node: Memorystore's node ports too.
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    ranges = {
+        (p["port"], p.get("endPort", p["port"]))
+        for o in policies
+        for rule in o["spec"].get("egress", [])
+        for p in rule.get("ports", [])
+    }
+    assert {(6379, 6379), (11000, 13047)} <= ranges
+
+
+def test_prod_shards_leave_room_to_grow() -> None:
+    """Shards are fixed for the life of the data and are the unit Redis Cluster moves:
+    prod's must balance a large cluster (8 or more per primary for 48 primaries)."""
+    objects = render(TARGETS["prod"])
+    shards = int(_find(objects, "ConfigMap", "userembed-config")["data"]["USEREMBED_REDIS_SHARDS"])
+    assert shards >= 8 * 48, f"{shards} shards: size them for the largest cluster you expect"
 
 
 # --- production: Strimzi, monitoring -----------------------------------------------------------
