@@ -37,7 +37,8 @@ PROFILES = ("cluster", "gpu", "load")
 ROLES = ("api", "ingest", "worker", "worker-gpu")
 # The one command that runs the stack on the cluster (compose header, deploy/README.md).
 CLUSTER_COMMAND = re.compile(
-    r"USEREMBED_REDIS_URL=(?P<url>\S+) docker compose --profile cluster up(?: -d)?"
+    r"USEREMBED_REDIS_URL=(?P<url>\S+) USEREMBED_REDIS_WRITE_REPLICAS=1 "
+    r"docker compose --profile cluster up(?: -d)?"
 )
 _VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}")
 

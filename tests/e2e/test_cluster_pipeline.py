@@ -82,9 +82,25 @@ async def progress(
     return equal, embedded, states
 
 
-def settled(url: str, reference: dict[str, FeatureState]) -> bool:
-    equal, embedded, _ = asyncio.run(progress(url, reference))
-    return equal == embedded == len(reference)
+def wait_until_settled(
+    url: str, reference: dict[str, FeatureState], timeout_s: float, *roles: Role
+) -> None:
+    """Until every state equals the reference and is embedded; else say how far it got."""
+    seen = (0, 0)
+
+    def settled() -> bool:
+        nonlocal seen
+        equal, embedded, _ = asyncio.run(progress(url, reference))
+        seen = (equal, embedded)
+        return equal == embedded == len(reference)
+
+    try:
+        wait_for(settled, timeout_s, "states and embeddings")
+    except AssertionError as exc:
+        tails = "\n---\n".join(role.output()[-2000:] for role in roles)
+        raise AssertionError(
+            f"{exc}: {seen[0]} states equal, {seen[1]} embedded of {len(reference)}\n{tails}"
+        ) from None
 
 
 def alive(*roles: Role) -> None:
@@ -100,6 +116,9 @@ def test_kafka_to_ranker_on_a_cluster_with_two_workers(
     events = synthetic_events(3000, users=150)
     reference = reference_states(events)
     port = free_port()
+    # the topic exists before ingest subscribes (a consumer learns of a new topic only at
+    # its next metadata refresh); ingest starts from the earliest offset
+    produce(settings, [(e.user_id, encode_event(e)) for e in events])
     with (
         userembed("ingest", env=env) as ingest,
         userembed("worker", env=env) as first,
@@ -108,8 +127,7 @@ def test_kafka_to_ranker_on_a_cluster_with_two_workers(
     ):
         api_url = f"http://127.0.0.1:{port}"
         wait_for(lambda: httpx.get(f"{api_url}/readyz").is_success, 60, "serve ready")
-        produce(settings, [(e.user_id, encode_event(e)) for e in events])
-        wait_for(lambda: settled(own_cluster.url, reference), 120, "states and embeddings")
+        wait_until_settled(own_cluster.url, reference, 120, ingest, first, second)
         alive(ingest, first, second, api)
         users = sorted(reference)
         with httpx.Client(base_url=api_url, timeout=5) as client:
@@ -133,6 +151,7 @@ def test_a_primary_killed_mid_stream_loses_nothing_and_reads_recover(
     reference = reference_states(events)
     messages = [(e.user_id, encode_event(e)) for e in events]
     port = free_port()
+    produce(settings, messages[:10])  # the topic exists before ingest subscribes
     statuses: Counter[int] = Counter()
     stop_reading = threading.Event()
 
@@ -154,7 +173,7 @@ def test_a_primary_killed_mid_stream_loses_nothing_and_reads_recover(
         reader = threading.Thread(target=read_all_along)
         reader.start()
         try:
-            produce(settings, messages[: len(messages) // 2])
+            produce(settings, messages[10 : len(messages) // 2])
             wait_for(
                 lambda: asyncio.run(progress(own_cluster.url, reference))[0] > 0,
                 60,
@@ -165,7 +184,7 @@ def test_a_primary_killed_mid_stream_loses_nothing_and_reads_recover(
             produce(settings, messages[len(messages) // 2 :])
             own_cluster.wait_healthy(60)  # its replica took over
             assert victim not in own_cluster.primaries()
-            wait_for(lambda: settled(own_cluster.url, reference), 180, "states and embeddings")
+            wait_until_settled(own_cluster.url, reference, 180, ingest, first, second)
             served_before = statuses[200]
             wait_for(lambda: statuses[200] > served_before + 20, 30, "reads to recover")
         finally:
