@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import time
 from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
 
 from redis.asyncio.cluster import RedisCluster
@@ -44,6 +46,20 @@ T = TypeVar("T")
 
 CLAIM_WINDOW: Final = 64
 """Shards a claim looks at: all of them up to this many, else a rotating window."""
+PEEK_TTL_S: Final = 0.05
+"""How long a peek at the shards' heads is reused while it promises work."""
+
+
+@dataclass(slots=True)
+class _Heads:
+    """What the last peek (and the claims since) know of the window's queues."""
+
+    at: float
+    queued: dict[int, tuple[int, int]] = field(default_factory=dict)  # shard: (oldest, size)
+    expired: set[int] = field(default_factory=set)  # shards with an expired lease
+
+    def stale(self, now: float) -> bool:
+        return now - self.at > PEEK_TTL_S or not (self.queued or self.expired)
 
 
 @contextmanager
@@ -96,8 +112,9 @@ return conflicts
 # KEYS: per shard of this call its queue, leases (scored by expiry) and lease info
 # (user -> 'token:dirty_at'). ARGV: now, lease expiry, token, then per shard a limit.
 # Per shard, expired leases first go back to the queue with their original dirty
-# time; then up to `limit` oldest users are popped and leased. Returns
-# [user, dirty_at, ...] of every shard.
+# time; then up to `limit` oldest users are popped and leased. Returns per shard:
+# how many were popped, the queue's size and oldest time after (-1 = empty), then
+# user, dirty_at of each popped user.
 _CLAIM_LUA: Final = f"""
 local out = {{}}
 for s = 0, #KEYS / 3 - 1 do
@@ -112,14 +129,19 @@ for s = 0, #KEYS / 3 - 1 do
     redis.call('HDEL', info, user)
   end
   local limit = tonumber(ARGV[4 + s])
+  local popped = {{}}
   if limit > 0 then
-    local popped = redis.call('ZPOPMIN', queue, limit)
-    for i = 1, #popped, 2 do
-      redis.call('ZADD', leased, ARGV[2], popped[i])
-      redis.call('HSET', info, popped[i], ARGV[3] .. ':' .. popped[i + 1])
-      out[#out + 1] = popped[i]
-      out[#out + 1] = popped[i + 1]
-    end
+    popped = redis.call('ZPOPMIN', queue, limit)
+  end
+  local head = redis.call('ZRANGE', queue, 0, 0, 'WITHSCORES')
+  out[#out + 1] = #popped / 2
+  out[#out + 1] = redis.call('ZCARD', queue)
+  out[#out + 1] = head[2] or '-1'
+  for i = 1, #popped, 2 do
+    redis.call('ZADD', leased, ARGV[2], popped[i])
+    redis.call('HSET', info, popped[i], ARGV[3] .. ':' .. popped[i + 1])
+    out[#out + 1] = popped[i]
+    out[#out + 1] = popped[i + 1]
   end
 end
 return out
@@ -205,6 +227,7 @@ class RedisStore:
         self._release_script = self._client.register_script(_RELEASE_LUA)
         self._write_release_script = self._client.register_script(_WRITE_AND_RELEASE_LUA)
         self._window_start = 0
+        self._heads: _Heads | None = None
 
     @property
     def layout(self) -> KeyLayout:
@@ -415,20 +438,23 @@ class RedisStore:
     ) -> list[tuple[str, int]]:
         """Oldest first within a shard; across shards, the shards with the oldest heads
         are served first, so the first user claimed is the oldest of the shards looked
-        at (all of them up to :data:`CLAIM_WINDOW`, else a window rotating per call)."""
-        window = self._window()
-        claimed, requeued = await self._claim_once(window, limit, token, now_ms, lease_ms)
+        at (all of them up to :data:`CLAIM_WINDOW`, else a window rotating per peek).
+
+        The heads come from one peek at the window, kept for :data:`PEEK_TTL_S` while it
+        still promises work; each claim script returns its shard's new head, so a busy
+        worker claims in one round trip and an idle one peeks every time."""
+        heads = self._heads
+        if heads is None or heads.stale(time.monotonic()):
+            heads = self._heads = await self._peek(self._window(), now_ms)
+        claimed, requeued = await self._claim_from(heads, limit, token, now_ms, lease_ms)
         if requeued and len(claimed) < limit:
             # expired leases went back to their queues: claim them now, as one step would
-            more, _ = await self._claim_once(window, limit - len(claimed), token, now_ms, lease_ms)
+            more, _ = await self._claim_from(heads, limit - len(claimed), token, now_ms, lease_ms)
             claimed += more
         return sorted(claimed, key=lambda pair: pair[1])
 
-    async def _claim_once(
-        self, window: Sequence[int], limit: int, token: str, now_ms: int, lease_ms: int
-    ) -> tuple[list[tuple[str, int]], bool]:
-        """One peek at the window's heads, then one claim script per shard group.
-        Returns the users claimed and whether expired leases were requeued."""
+    async def _peek(self, window: Sequence[int], now_ms: int) -> _Heads:
+        """Size and oldest dirty time of each shard's queue, and which have expired leases."""
         layout = self._layout
 
         def peek(pipe: Any) -> None:
@@ -438,33 +464,51 @@ class RedisStore:
                 pipe.zrange(layout.leased_key(shard), 0, 0, withscores=True)
 
         flat = await self._pipeline(peek)
-        queued, expired = [], []
+        heads = _Heads(time.monotonic())
         for i, shard in enumerate(window):
             size, head, lease = flat[3 * i : 3 * i + 3]
             if size:
-                queued.append((int(head[0][1]), shard, int(size)))
+                heads.queued[shard] = (int(head[0][1]), int(size))
             if lease and int(lease[0][1]) <= now_ms:
-                expired.append(shard)
-        plan: dict[int, int] = dict.fromkeys(expired, 0)
+                heads.expired.add(shard)
+        return heads
+
+    async def _claim_from(
+        self, heads: _Heads, limit: int, token: str, now_ms: int, lease_ms: int
+    ) -> tuple[list[tuple[str, int]], bool]:
+        """One claim script per shard group, planned from ``heads`` (updated in place).
+        Returns the users claimed and whether expired leases were requeued."""
+        plan: dict[int, int] = dict.fromkeys(heads.expired, 0)
         remaining = limit
-        for _, shard, size in sorted(queued):
+        for shard, (_, size) in sorted(heads.queued.items(), key=lambda kv: kv[1]):
             if remaining <= 0:
                 break
             plan[shard] = min(size, remaining)
             remaining -= plan[shard]
         if not plan:
             return [], False
+        requeued = bool(heads.expired)
+        heads.expired.clear()
         calls = []
-        for group in self._groups(list(plan)):
-            keys = [key for shard in group for key in layout.queue_keys(shard)]
+        groups = self._groups(list(plan))
+        for group in groups:
+            keys = [key for shard in group for key in self._layout.queue_keys(shard)]
             args: list[str | int] = [now_ms, now_ms + lease_ms, token, *(plan[s] for s in group)]
             calls.append(self._claim_script(keys=keys, args=args))
-        claimed = [
-            (found[i].decode(), int(float(found[i + 1])))
-            for found in await self._all(calls)
-            for i in range(0, len(found), 2)
-        ]
-        return claimed, bool(expired)
+        claimed: list[tuple[str, int]] = []
+        for group, found in zip(groups, await self._all(calls), strict=True):
+            pos = 0
+            for shard in group:
+                popped, size, head = int(found[pos]), int(found[pos + 1]), int(found[pos + 2])
+                pos += 3
+                for i in range(pos, pos + 2 * popped, 2):
+                    claimed.append((found[i].decode(), int(float(found[i + 1]))))
+                pos += 2 * popped
+                if size:
+                    heads.queued[shard] = (head, size)
+                else:
+                    heads.queued.pop(shard, None)
+        return claimed, requeued
 
     async def release_claim(
         self, token: str, user_ids: Sequence[str], requeue: Mapping[str, int] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 
@@ -116,4 +117,46 @@ async def test_stalled_redis_is_a_bounded_503_then_recovers(clean_redis: str) ->
             await asyncio.sleep(0.05)
         else:
             pytest.fail("the API did not recover after Redis came back")
+    await store.close()
+
+
+class CountingStore(RedisStore):
+    """A real RedisStore that counts its dirty-queue writes (attempts, failed or not)."""
+
+    attempts = 0
+
+    async def mark_dirty(self, dirty_at_ms: dict[str, int]) -> None:  # type: ignore[override]
+        self.attempts += 1
+        await super().mark_dirty(dirty_at_ms)
+
+
+async def test_refresh_flushes_back_off_while_redis_is_down_and_deliver_after(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from service.api.refresh import RefreshRequester
+
+    caplog.set_level(logging.INFO, logger="service.api.refresh")
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    store = CountingStore(url, timeout_ms=50)
+    requester = RefreshRequester(store, coalesce_ms=0, max_backoff_s=0.2)
+    requester.request(["u1", "u2"])
+    stop = asyncio.Event()
+    task = asyncio.create_task(requester.run(stop))
+    await asyncio.sleep(1.0)  # Redis is down all along
+    failed_attempts = store.attempts
+    # every 5 ms would be ~200 attempts; backing off 10, 20, ... 200 ms: about a dozen
+    assert 3 <= failed_attempts <= 15, failed_attempts
+    warnings = [r for r in caplog.records if "refresh_flush_failed" in r.getMessage()]
+    assert len(warnings) == 1  # once per outage, not once per attempt
+    with private_redis(port=port):
+        deadline = asyncio.get_running_loop().time() + 10
+        while "refresh_flush_recovered" not in caplog.text:
+            assert asyncio.get_running_loop().time() < deadline, "no recovery"
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+        check = RedisStore(url)
+        assert sorted(u for u, _ in await check.pop_dirty(10)) == ["u1", "u2"]  # kept, then sent
+        await check.close()
     await store.close()

@@ -29,6 +29,7 @@ from service.ingest.mock_broker import mock_kafka_cluster
 from service.ingest.synthetic import MALFORMED_KINDS, SyntheticTraffic, malformed_payload
 from service.ingest.updater import FeatureUpdater, run_ingest
 from service.settings import Settings
+from service.store.keys import KeyLayout
 from service.store.redis import RedisStore
 from service.store.redis_server import private_redis
 from tests.processes import userembed, wait_for
@@ -330,3 +331,34 @@ async def test_a_redis_outage_is_retried_and_nothing_is_committed_until_applied(
             await task
             await source.close()
             await store.close()
+
+
+def test_a_partitions_users_fall_in_the_shards_congruent_to_it(settings: Settings) -> None:
+    """librdkafka's default partitioner is crc32(key) % partitions, the store's shard is
+    crc32(user_id) % shards: with shards a multiple of partitions, a partition's batch
+    touches only shards / partitions of them (docs/capacity.md)."""
+    sink = KafkaEventSink(settings)
+    events = synthetic_events(400, users=200)
+    for e in events:
+        sink.produce_nowait(e.user_id, encode_event(e))
+    assert sink.flush(30) == 0
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"partition-check-{uuid.uuid4().hex[:6]}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([settings.kafka_topic])
+    seen: list[Any] = []
+    for _ in range(60):
+        seen += [m for m in consumer.consume(500, 0.5) if m.error() is None]
+        if len(seen) >= len(events):
+            break
+    consumer.close()
+    assert len(seen) == len(events)
+    partitions = len({m.partition() for m in seen})
+    assert partitions > 1
+    layout = KeyLayout(64)
+    for message in seen:
+        assert layout.shard(message.key().decode()) % partitions == message.partition()
