@@ -41,6 +41,11 @@ validate-deploy: $(STAMP)
 bench-read: $(STAMP)
 	$(BIN)/userembed bench read
 
+## Store benchmark: per-op cost on a local 3-primary Redis Cluster vs one redis-server, bytes/user.
+.PHONY: bench-store
+bench-store: $(STAMP)
+	$(BIN)/userembed bench store
+
 ## Regenerate the committed gRPC code from service/api/proto/userembed/v1/embeddings.proto.
 proto: $(STAMP)
 	$(BIN)/python -m service.api.grpc_codegen

@@ -278,6 +278,41 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     print(json.dumps(asyncio.run(inspect()), indent=2))
 
 
+def _cmd_migrate_keys(args: argparse.Namespace) -> None:
+    """Key layout v1 -> v2 on the single Redis node of USEREMBED_REDIS_URL, with
+    USEREMBED_REDIS_SHARDS shards; run with ingest, worker and serve stopped."""
+    from service.store.migrate import MigrationProgress, migrate_keys
+    from service.store.protocol import StoreUnavailable
+
+    settings = _settings({})
+    tty = sys.stderr.isatty()
+    shown: dict[str, int] = {}  # per phase: the last tenth printed
+
+    def progress(p: MigrationProgress) -> None:
+        percent = 100 * p.done // p.total if p.total else 100
+        line = f"migrate-keys: {p.phase} {p.done}/{p.total} ({percent}%)"
+        if tty:
+            print(f"\r{line:<64}", end="", file=sys.stderr, flush=True)
+        elif percent // 10 <= shown.get(p.phase, -1):
+            return
+        else:
+            print(line, file=sys.stderr, flush=True)
+        shown[p.phase] = percent // 10
+
+    try:
+        report = asyncio.run(
+            migrate_keys(
+                settings.redis_url, settings.redis_shards, batch=args.batch, progress=progress
+            )
+        )
+    except (ValueError, StoreUnavailable) as exc:  # MigrationRefused is a ValueError
+        raise SystemExit(f"userembed migrate-keys: {exc}") from None
+    finally:
+        if tty and shown:
+            print(file=sys.stderr)
+    print(report.summary())
+
+
 def _cmd_bench_read(args: argparse.Namespace) -> None:
     from service.bench.read import BenchConfig, run_read_bench
 
@@ -317,6 +352,15 @@ def _cmd_bench_worker(args: argparse.Namespace) -> None:
             precision=args.precision,
         )
     )
+
+
+def _cmd_bench_store(args: argparse.Namespace) -> None:
+    from service.bench.store import StoreBenchConfig, run_store_bench
+
+    config = StoreBenchConfig(
+        users=args.users, events=args.events, seconds=args.seconds, json_path=args.json
+    )
+    run_store_bench(config)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -404,6 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("user_id")
     inspect.set_defaults(func=_cmd_inspect)
 
+    migrate = sub.add_parser(
+        "migrate-keys",
+        help="move a single Redis from key layout v1 to v2 (roles stopped; docs/migrate-keys.md)",
+    )
+    migrate.add_argument(
+        "--batch", type=int, default=1000, help="keys per SCAN and per atomic step (default 1000)"
+    )
+    migrate.set_defaults(func=_cmd_migrate_keys)
+
     add_model_commands(sub)  # train, bench-model, export-world (torch imported on use)
 
     bench = sub.add_parser("bench", help="benchmarks that print numbers next to a baseline")
@@ -437,6 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker_bench.add_argument("--redis-url", help="existing Redis (default: a private one)")
     worker_bench.set_defaults(func=_cmd_bench_worker)
+    store_bench = bench_sub.add_parser(
+        "store", help="store cost per op: local 3-primary Redis Cluster vs one node, bytes/user"
+    )
+    store_bench.add_argument("--users", type=int, default=20_000)
+    store_bench.add_argument("--events", type=int, default=40_000, help="synthetic events cycled")
+    store_bench.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    store_bench.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    store_bench.set_defaults(func=_cmd_bench_store)
 
     evaluate = sub.add_parser(
         "evaluate",
