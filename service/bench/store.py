@@ -172,7 +172,7 @@ async def _pipeline_sections(
             ids = [u for u, _ in claimed]
             states, _ = await store.get_features_and_embeddings(ids)
             records = _records(ids, vectors, [s.version if s else 0 for s in states])
-            await store.write_and_release(TOKEN, records, ids)
+            await store.write_and_release(TOKEN, records, dict(claimed))
             return len(ids)
 
         name = f"claim+read+write b{config.worker_batch}"

@@ -75,10 +75,11 @@ class MemoryStore:
         return await self.get_features(user_ids), await self.get_embeddings(user_ids)
 
     async def write_and_release(
-        self, token: str, records: Mapping[str, EmbeddingRecord], claimed: Sequence[str]
+        self, token: str, records: Mapping[str, EmbeddingRecord], claimed: Mapping[str, int]
     ) -> None:
-        await self.put_embeddings(records)
-        await self.release_claim(token, claimed)
+        held = [u for u, at in claimed.items() if self._leases.get(u, ("",))[:2] == (token, at)]
+        await self.put_embeddings({u: records[u] for u in held if u in records})
+        await self.release_claim(token, held)
 
     async def mark_dirty(self, dirty_at_ms: Mapping[str, int]) -> None:
         self._mark(dirty_at_ms)

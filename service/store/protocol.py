@@ -63,10 +63,13 @@ class Store(Protocol):
         """Both reads of a worker batch in one round trip (per node)."""
 
     async def write_and_release(
-        self, token: str, records: Mapping[str, EmbeddingRecord], claimed: Sequence[str]
+        self, token: str, records: Mapping[str, EmbeddingRecord], claimed: Mapping[str, int]
     ) -> None:
-        """Write ``records`` and end ``token``'s leases on ``claimed`` in one step per
-        shard (a lease re-taken by another token is left alone)."""
+        """End the claims ``claimed`` (user -> the dirty time it was claimed with) of
+        ``token`` and write their ``records``, in one step per shard. Only users whose
+        lease that very claim still holds are touched: a claim that expired (the user
+        went back to the queue, maybe to another worker and newer features) or was
+        superseded by a newer claim of the same worker is left alone."""
 
     async def mark_dirty(self, dirty_at_ms: Mapping[str, int]) -> None:
         """Queue users for recomputation; a user already queued keeps its older time."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 import time
 from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ from service.store.protocol import (
 from service.store.records import embedding_or_none, features_or_none
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 CLAIM_WINDOW: Final = 64
 """Shards a claim looks at: all of them up to this many, else a rotating window."""
@@ -175,28 +177,34 @@ return 0
 
 
 # KEYS: per shard of this call its queue, leases and lease info (3n keys), then the
-# embedding key of every record. ARGV[1] = token, ARGV[2] = n; then per shard r and the
-# r users whose leases end (a lease another token holds now is kept); then one record
-# per embedding key.
+# embedding key of every claimed user with a record, in order. ARGV[1] = n; then per
+# shard r, and per claimed user its id, its claim ('token:dirty_at') and its record
+# ('' = none). A record is written, and the lease ended, only while that very claim
+# still holds the lease: a claim that expired (the user went back to the queue, maybe
+# to another worker embedding newer features) or was superseded by a newer claim of
+# the same worker (the user was dirtied again meanwhile) must not overwrite.
 _WRITE_AND_RELEASE_LUA: Final = """
-local prefix = ARGV[1] .. ':'
-local n = tonumber(ARGV[2])
-local pos = 3
+local n = tonumber(ARGV[1])
+local pos, key = 2, 3 * n + 1
 for s = 0, n - 1 do
   local leased, info = KEYS[3 * s + 2], KEYS[3 * s + 3]
   local r = tonumber(ARGV[pos])
-  for i = pos + 1, pos + r do
-    local held = redis.call('HGET', info, ARGV[i])
-    if held and string.sub(held, 1, #prefix) == prefix then
-      redis.call('ZREM', leased, ARGV[i])
-      redis.call('HDEL', info, ARGV[i])
+  pos = pos + 1
+  for i = pos, pos + 3 * r - 1, 3 do
+    local user, claim, record = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    local ours = redis.call('HGET', info, user) == claim
+    if ours then
+      redis.call('ZREM', leased, user)
+      redis.call('HDEL', info, user)
+    end
+    if record ~= '' then
+      if ours then
+        redis.call('SET', KEYS[key], record)
+      end
+      key = key + 1
     end
   end
-  pos = pos + r + 1
-end
-for i = 3 * n + 1, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[pos])
-  pos = pos + 1
+  pos = pos + 3 * r
 end
 return 0
 """
@@ -214,8 +222,8 @@ class RedisStore:
         write_replicas: int = 0,
     ) -> None:
         """``write_replicas``: replicas that must acknowledge a feature write (Redis
-        WAIT) before it counts as durable; 0 trusts the primary (no replicas, or a lost
-        write on failover is acceptable)."""
+        WAIT) before it counts as durable, at most as many as the primary has connected
+        (none right after a failover); 0 trusts the primary alone."""
         self._address = RedisAddress.parse(url)
         self._write_replicas = write_replicas
         self._wait_ms = max(1, timeout_ms // 2)
@@ -228,6 +236,7 @@ class RedisStore:
         self._write_release_script = self._client.register_script(_WRITE_AND_RELEASE_LUA)
         self._window_start = 0
         self._heads: _Heads | None = None
+        self._warned_unreplicated_at = float("-inf")
 
     @property
     def layout(self) -> KeyLayout:
@@ -326,11 +335,33 @@ class RedisStore:
             pipe.execute_command("WAIT", self._write_replicas, self._wait_ms, **wait)
             conflicts, acked = await pipe.execute()
         if int(acked) < self._write_replicas:
+            await self._accept_fewer_replicas(int(acked), wait)
+        return cast(list[bytes], conflicts)
+
+    async def _accept_fewer_replicas(self, acked: int, node: dict[str, Any]) -> None:
+        """A write that fewer than ``write_replicas`` acknowledged is durable enough if
+        every replica the primary has now acknowledged it: right after a failover the
+        promoted primary has none until its old primary comes back, and ingest must
+        not stop for that. Otherwise the caller retries (StoreUnavailable)."""
+        role = await self._client.execute_command("ROLE", **node)
+        if isinstance(role, dict):  # a cluster answer keyed by node
+            role = next(iter(role.values()))
+        connected = len(role[2]) if role and role[0] in (b"master", "master") else 0
+        if acked < min(self._write_replicas, connected):
             raise StoreUnavailable(
-                f"a feature write reached {acked} of {self._write_replicas} replicas within "
+                f"a feature write reached {acked} of {connected} replicas within "
                 f"{self._wait_ms} ms (USEREMBED_REDIS_WRITE_REPLICAS); retrying"
             )
-        return cast(list[bytes], conflicts)
+        now = time.monotonic()
+        if now - self._warned_unreplicated_at > 10:
+            self._warned_unreplicated_at = now
+            log.warning(
+                "event=write_not_replicated acked=%d wanted=%d connected_replicas=%d "
+                "(the primary has fewer replicas than USEREMBED_REDIS_WRITE_REPLICAS)",
+                acked,
+                self._write_replicas,
+                connected,
+            )
 
     # --- embedding records -------------------------------------------------
 
@@ -367,21 +398,24 @@ class RedisStore:
         )
 
     async def write_and_release(
-        self, token: str, records: Mapping[str, EmbeddingRecord], claimed: Sequence[str]
+        self, token: str, records: Mapping[str, EmbeddingRecord], claimed: Mapping[str, int]
     ) -> None:
-        written = self._layout.by_shard(records)
         released = self._layout.by_shard(claimed)
         calls = []
-        for group in self._groups([*written, *released]):
+        for group in self._groups(list(released)):
             keys = [key for shard in group for key in self._layout.queue_keys(shard)]
-            args: list[bytes | str | int] = [token, len(group)]
+            args: list[bytes | str | int] = [len(group)]
             for shard in group:
-                users = released.get(shard, [])
-                args += [len(users), *users]
-            for shard in group:
-                for user_id in written.get(shard, []):
-                    keys.append(self._layout.embedding_key(user_id))
-                    args.append(encode_embedding(records[user_id]))
+                args.append(len(released[shard]))
+                for user_id in released[shard]:
+                    record = records.get(user_id)
+                    args += [
+                        user_id,
+                        f"{token}:{claimed[user_id]}",
+                        b"" if record is None else encode_embedding(record),
+                    ]
+                    if record is not None:
+                        keys.append(self._layout.embedding_key(user_id))
             calls.append(self._write_release_script(keys=keys, args=args))
         await self._all(calls)
 

@@ -230,7 +230,7 @@ class EmbeddingWorker:
 
     async def _write(self, batch: _Batch) -> int:
         with _stage("write"):
-            await self._store.write_and_release(self.token, batch.records, list(batch.claimed))
+            await self._store.write_and_release(self.token, batch.records, batch.claimed)
         written_at = self._clock()
         for user_id in batch.records:
             WORKER_EMBEDDING_STALENESS.observe(max(0, written_at - batch.claimed[user_id]) / 1e3)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis.cluster import RedisCluster
 
 from models.registry import ModelArtifact
 from service.core.events import encode_event
@@ -97,10 +98,33 @@ def wait_until_settled(
     try:
         wait_for(settled, timeout_s, "states and embeddings")
     except AssertionError as exc:
-        tails = "\n---\n".join(role.output()[-2000:] for role in roles)
+        tails = "\n---\n".join(role.output()[-3000:] for role in roles)
         raise AssertionError(
-            f"{exc}: {seen[0]} states equal, {seen[1]} embedded of {len(reference)}\n{tails}"
+            f"{exc}: {seen[0]} states equal, {seen[1]} embedded of {len(reference)}; "
+            f"not embedded: {asyncio.run(not_embedded(url, reference))}\n{tails}"
         ) from None
+
+
+async def not_embedded(url: str, reference: dict[str, FeatureState]) -> list[str]:
+    """Each user without an embedding of its latest state: versions, queue and lease."""
+    store = RedisStore(url, timeout_ms=2000, shards=SHARDS)
+    users = sorted(reference)
+    states, records = await store.get_features_and_embeddings(users)
+    client = RedisCluster.from_url(url.replace("redis+cluster://", "redis://").split(",")[0])
+    found = []
+    for user, state, record in zip(users, states, records, strict=True):
+        if state is not None and record is not None and record.feature_version == state.version:
+            continue
+        shard = store.layout.shard(user)
+        found.append(
+            f"{user}: state v{state and state.version} record v{record and record.feature_version}"
+            f" dirty={client.zscore(store.layout.dirty_key(shard), user)}"
+            f" leased={client.zscore(store.layout.leased_key(shard), user)}"
+            f" lease={client.hget(store.layout.lease_info_key(shard), user)!r}"
+        )
+    client.close()
+    await store.close()
+    return found
 
 
 def alive(*roles: Role) -> None:

@@ -255,17 +255,25 @@ async def test_a_worker_batch_reads_both_records_and_writes_and_releases_in_one_
     states, records = await store.get_features_and_embeddings(users)
     assert [s is not None for s in states] == [True] * 20 + [False] * 10
     assert [r is not None for r in records] == [False] * 10 + [True] * 15 + [False] * 5
-    claimed = [u for u, _ in await store.claim_dirty(100, token="w", now_ms=1, lease_ms=10**6)]
+    claimed = dict(await store.claim_dirty(100, token="w", now_ms=1, lease_ms=10**6))
     assert sorted(claimed) == sorted(users[:20])
-    stolen = claimed[0]  # its lease expired and another worker holds it now
+    stolen, again = sorted(claimed)[:2]
     fresh = {u: record(100 + i) for i, u in enumerate(claimed)}
-    await store.release_claim("w", [stolen], requeue={stolen: BASE_TS})
+    # stolen: w's lease ended and another worker holds it now; again: dirtied once more
+    # and claimed by w a second time (a newer claim of the same worker)
+    await store.release_claim("w", [stolen, again], requeue={stolen: BASE_TS})
     await store.claim_dirty(1, token="other", now_ms=2, lease_ms=10**6)
-    await store.write_and_release("w", fresh, claimed)
+    await store.mark_dirty({again: BASE_TS + 5})
+    assert await store.claim_dirty(1, token="w", now_ms=3, lease_ms=10**6) == [(again, BASE_TS + 5)]
+    await store.write_and_release("w", fresh, claimed)  # the first claims end
     stats = await store.dirty_stats()
-    assert (stats.depth, stats.leased) == (0, 1)  # only the other worker's lease is left
-    _, written = await store.get_features_and_embeddings(claimed)
+    assert (stats.depth, stats.leased) == (0, 2)  # the other's lease and w's newer claim
+    _, written = await store.get_features_and_embeddings(list(claimed))
+    # users whose first claim no longer holds keep what they had: w's result may be stale
     assert [r.computed_at_ms if r else None for r in written] == [
-        fresh[u].computed_at_ms for u in claimed
+        None if u in (stolen, again) else fresh[u].computed_at_ms for u in claimed
     ]
+    await store.write_and_release("w", {again: record(7)}, {again: BASE_TS + 5})
+    assert (await store.dirty_stats()).leased == 1
+    assert (await store.get_embeddings([again]))[0] is not None
     assert await store.get_features_and_embeddings([]) == ([], [])
