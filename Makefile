@@ -41,6 +41,11 @@ validate-deploy: $(STAMP)
 bench-read: $(STAMP)
 	$(BIN)/userembed bench read
 
+## The fuzzing harness (tests/fuzz) for longer than make test runs it.
+.PHONY: fuzz
+fuzz: $(STAMP)
+	USEREMBED_FUZZ_EXAMPLES=100000 $(BIN)/pytest -q -p no:cacheprovider --timeout=0 tests/fuzz
+
 ## Store benchmark: per-op cost on a local 3-primary Redis Cluster vs one redis-server, bytes/user.
 .PHONY: bench-store
 bench-store: $(STAMP)

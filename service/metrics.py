@@ -55,6 +55,34 @@ INGEST_LAST_COMMIT = Gauge(
 INGEST_REBALANCES = Counter(
     "userembed_ingest_rebalances_total", "Partition assignment changes", ["kind"]
 )
+INGEST_COMMITTED_OFFSET = Gauge(
+    "userembed_ingest_committed_offset",
+    "Next offset to consume per partition, as last committed (flat while a partition is stuck)",
+    ["partition"],
+)
+INGEST_DEAD_LETTERS = Counter(
+    "userembed_ingest_dead_letters_total",
+    "Messages acknowledged by the dead-letter topic, by reason class (closed set: too_large, "
+    "too_deep, string_too_long, not_json, contract, invalid, decoder_error, crash_loop)",
+    ["reason"],
+)
+INGEST_DEAD_LETTERS_TRUNCATED = Counter(
+    "userembed_ingest_dead_letters_truncated_total",
+    "Dead letters cut to fit the dead-letter topic's largest message (userembed.truncated=1)",
+)
+INGEST_DECODER_REJECTIONS = Counter(
+    "userembed_ingest_decoder_rejections_total",
+    "Messages refused by a decoder bound (size, depth, string_length), before parsing them",
+    ["limit"],
+)
+INGEST_DLQ_BLOCKED = Gauge(
+    "userembed_ingest_dlq_blocked",
+    "1 while dead letters cannot be written: ingest retries them and consumes nothing more",
+)
+INGEST_CRASH_LOOP_PARTITIONS = Gauge(
+    "userembed_ingest_crash_loop_partitions",
+    "Partitions replayed one message at a time after ingest died repeatedly at one offset",
+)
 
 # --- worker ------------------------------------------------------------------
 WORKER_EMBEDDINGS = Counter("userembed_worker_embeddings_total", "Embeddings written")

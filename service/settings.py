@@ -55,6 +55,40 @@ class Settings(BaseSettings):
     ingest_batch_max_events: int = Field(5000, ge=1, description="Max messages per batch")
     ingest_batch_max_wait_ms: int = Field(10, ge=1, description="Max wait to fill a batch")
     ingest_max_backoff_s: float = Field(5.0, gt=0, description="Cap on retry backoff")
+    ingest_max_message_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Largest event message; a bigger one is dead-lettered unparsed (too_large)",
+    )
+    ingest_max_json_depth: int = Field(
+        32,
+        ge=2,
+        le=256,
+        description="Deepest JSON nesting of an event message, checked before parsing (too_deep)",
+    )
+    ingest_dlq_max_message_bytes: int = Field(
+        1_000_000,
+        ge=4096,
+        description="Largest dead-letter record (the DLQ producer's message.max.bytes); a "
+        "bigger message is dead-lettered truncated, with userembed.truncated=1",
+    )
+    ingest_dlq_timeout_ms: int = Field(
+        10_000,
+        ge=100,
+        description="Wait for the DLQ's acknowledgement per attempt; ingest stops consuming "
+        "and retries (userembed_ingest_dlq_blocked=1) while the DLQ cannot be written",
+    )
+    ingest_crash_loop_restarts: int = Field(
+        3,
+        ge=1,
+        description="Restarts at the same committed offset before its batch is replayed one "
+        "message at a time and the message that kills ingest is dead-lettered",
+    )
+    kafka_dlq_extra: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra librdkafka properties of the dead-letter producer only (JSON "
+        "object, over kafka_extra)",
+    )
 
     # --- metrics -----------------------------------------------------------
     metrics_port: int = Field(
@@ -133,6 +167,32 @@ class Settings(BaseSettings):
     )
     hot_cache_ttl_ms: int = Field(0, ge=0, description="In-process hot-user cache TTL (0 = off)")
     hot_cache_max_users: int = Field(100_000, ge=1, description="Hot-user cache capacity")
+    api_max_body_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        description="Largest request body, HTTP or gRPC (413 / RESOURCE_EXHAUSTED above); "
+        "batchGet allows at least 512 bytes per id of batch_get_max_ids",
+    )
+    api_max_json_depth: int = Field(
+        32, ge=2, le=256, description="Deepest JSON nesting of a request body (400 beyond)"
+    )
+    api_max_header_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        description="Largest request line plus headers (431, connection closed, above)",
+    )
+    api_head_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="A request's line and headers, or a new connection's first request, must "
+        "arrive within this (408 and closed otherwise)",
+    )
+    api_body_timeout_s: float = Field(
+        10.0, gt=0, description="A request's body must arrive within this (408 and closed)"
+    )
+    api_grpc_max_send_bytes: int = Field(
+        32 << 20, ge=1024, description="Largest gRPC answer (RESOURCE_EXHAUSTED above)"
+    )
 
     # --- demo --------------------------------------------------------------
     demo_users: int = Field(10_000, ge=1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import msgspec
+
 from service.core.events import Event, EventType, SourcedEvent
 
 BASE_TS = 1_760_000_000_000  # 2025-10-09, a fixed 'now' for pure tests
@@ -34,3 +36,16 @@ def sourced(event: Event, offset: int, partition: int = 0) -> SourcedEvent:
 def log_of(events: list[Event], first_offset: int = 0) -> list[SourcedEvent]:
     """Events as consecutive records of partition 0."""
     return [sourced(e, first_offset + i) for i, e in enumerate(events)]
+
+
+def raw_event(**fields: object) -> bytes:
+    """A valid event's JSON with ``fields`` overridden (``...`` drops a field)."""
+    base: dict[str, object] = {
+        "event_id": "e1",
+        "user_id": "u1",
+        "ts": BASE_TS,
+        "type": "click",
+        "item_id": "i9",
+    }
+    base.update(fields)
+    return msgspec.json.encode({k: v for k, v in base.items() if v is not ...})

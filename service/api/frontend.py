@@ -1,5 +1,5 @@
-"""What the HTTP and gRPC front ends share per request: API keys, request ids and
-latency metrics."""
+"""What the HTTP and gRPC front ends share per request: API keys, request ids, the
+error envelope and latency metrics."""
 
 from __future__ import annotations
 
@@ -11,12 +11,22 @@ from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import Any, Final
 
+import orjson
+
 from service.metrics import API_REQUEST_SECONDS
 
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 _REQUEST_ID_PATTERN: Final = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _ID_PREFIX: Final = secrets.token_hex(4)
 _id_counter = itertools.count(1)
+
+
+def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> bytes:
+    """The HTTP error envelope: ``{"error": {"code", "message", "details"?}}``."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = details
+    return orjson.dumps({"error": error})
 
 
 class KeyChecker:

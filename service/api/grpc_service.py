@@ -3,8 +3,9 @@
 ``userembed.v1.Embeddings`` (service/api/proto/userembed/v1/embeddings.proto) with the
 standard health service and server reflection. Vectors travel as packed
 little-endian bytes. API keys are checked from the ``authorization: Bearer <key>``
-metadata; a request id is taken from ``x-request-id`` (or made) and returned in
-the trailing metadata.
+metadata (exactly one: two are INVALID_ARGUMENT); a request id is taken from
+``x-request-id`` (or made) and returned in the trailing metadata. Messages are bounded
+both ways (:func:`server_options`): a larger one is RESOURCE_EXHAUSTED, for that call only.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.api.frontend import REQUEST_ID, KeyChecker, RouteLatency, new_request_id
 from service.api.proto.userembed.v1 import embeddings_pb2 as pb
-from service.api.reads import Answer, EmbeddingReader, ReadError, parse_pin
+from service.api.reads import Answer, EmbeddingReader, ReadError, max_request_bytes, parse_pin
 from service.core.embeddings import EmbeddingDtype
 from service.metrics import API_IN_FLIGHT
 from service.settings import Settings
@@ -130,8 +131,10 @@ class EmbeddingsService:
     ) -> Resp:
         started = time.perf_counter()
         authorization = offered_id = None
+        duplicate_auth = False
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
+                duplicate_auth = authorization is not None
                 authorization = value
             elif key == "x-request-id":
                 offered_id = value
@@ -141,6 +144,10 @@ class EmbeddingsService:
         API_IN_FLIGHT.inc()
         code = grpc.StatusCode.INTERNAL
         try:
+            if self._keys and duplicate_auth:
+                raise ReadError(
+                    "invalid_request", "more than one authorization metadata entry: send one"
+                )
             if self._keys and not self._keys.allows(authorization):
                 raise ReadError(
                     "unauthenticated",
@@ -188,8 +195,8 @@ class _OpsAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method: str = details.method
         if handler is None or not method.startswith((_HEALTH_CHECK, _REFLECTION)):
             return handler
-        metadata = dict(details.invocation_metadata or ())
-        if self._keys.allows(metadata.get("authorization")):
+        keys = [v for k, v in details.invocation_metadata or () if k == "authorization"]
+        if len(keys) == 1 and self._keys.allows(keys[0]):
             return handler
         return _denied(handler)
 
@@ -233,13 +240,22 @@ def _service_handler(service: EmbeddingsService) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments of the server: requests bounded like HTTP bodies, answers by
+    ``api_grpc_max_send_bytes`` (gRPC's defaults: 4 MiB in, unbounded out)."""
+    return [
+        ("grpc.max_receive_message_length", max_request_bytes(settings)),
+        ("grpc.max_send_message_length", settings.api_grpc_max_send_bytes),
+    ]
+
+
 async def start_grpc_server(
     reader: EmbeddingReader, settings: Settings, host: str, port: int
 ) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server (read service, health, reflection); return it and its port."""
     keys = KeyChecker(settings.resolved_api_keys())
     interceptors = [_OpsAuth(keys)] if keys and settings.api_auth_ops else []
-    server = grpc.aio.server(interceptors=interceptors)
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     server.add_generic_rpc_handlers((_service_handler(EmbeddingsService(reader, keys)),))
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)

@@ -11,6 +11,7 @@ test); requests are decoded with msgspec.
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import parse_qsl
 
@@ -19,6 +20,7 @@ import orjson
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope
 
+from service.api.http_body import read_body
 from service.api.reads import (
     ENCODINGS,
     Answer,
@@ -29,6 +31,7 @@ from service.api.reads import (
     parse_pin,
 )
 from service.core.events import USER_ID_PATTERN
+from service.core.json_depth import json_depth_problem
 
 GET_PREFIX: Final = "/v1/users/"
 GET_SUFFIX: Final = "/embedding"
@@ -90,10 +93,10 @@ def answer_dict(answer: Answer, encoding: Encoding) -> dict[str, Any]:
 class ReadEndpoints:
     """The two read routes; each returns the JSON body of a 200 or raises ReadError."""
 
-    def __init__(self, reader: EmbeddingReader) -> None:
+    def __init__(self, reader: EmbeddingReader, max_body_bytes: int, max_depth: int) -> None:
         self._reader = reader
-        # ids are at most 128 chars; allow JSON overhead and whitespace generously
-        self._max_body_bytes = max(1 << 20, reader.max_batch * 512)
+        self.max_body_bytes = max_body_bytes
+        self._max_depth = max_depth
 
     def handle(self, route: str, scope: Scope, receive: Receive) -> Awaitable[bytes]:
         """The answer's body, to be awaited (a plain function: one coroutine frame less on
@@ -113,6 +116,7 @@ class ReadEndpoints:
         encoding: Encoding = "json"
         pin = None
         if scope["query_string"]:
+            # blank values are dropped: ?encoding= is the default, ?model_version= any space
             query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
             encoding = parse_encoding(query.get("encoding", "json"))
             pin = parse_pin(query.get("model_version"))
@@ -120,32 +124,36 @@ class ReadEndpoints:
         return orjson.dumps(answer_dict(answer, encoding), option=_JSON_OPTIONS)
 
     async def _batch_get(self, receive: Receive) -> bytes:
-        body = await self._body(receive)
-        try:
-            request = _decode_batch(body)
-        except msgspec.DecodeError as exc:
-            raise ReadError("invalid_request", f"invalid batchGet body: {exc}") from None
-        encoding = parse_encoding(request.encoding)
-        answers = await self._reader.batch_get(request.user_ids, parse_pin(request.model_version))
-        embeddings = [answer_dict(a, encoding) for a in answers]
+        request = parse_batch_get(await read_body(receive, self.max_body_bytes), self._max_depth)
+        answers = await self._reader.batch_get(request.user_ids, request.pin)
+        embeddings = [answer_dict(a, request.encoding) for a in answers]
         return orjson.dumps({"embeddings": embeddings}, option=_JSON_OPTIONS)
 
-    async def _body(self, receive: Receive) -> bytes:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ReadError("invalid_request", "client disconnected before sending the body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max_body_bytes:
-                raise ReadError(
-                    "request_too_large", f"request body over {self._max_body_bytes} bytes"
-                )
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+
+@dataclass(slots=True)
+class BatchGet:
+    """A parsed batchGet body (its ids are checked by the reader)."""
+
+    user_ids: list[str]
+    encoding: Encoding
+    pin: str | None
+
+
+def parse_batch_get(body: bytes, max_depth: int) -> BatchGet:
+    """The batchGet body; ReadError ``invalid_request`` (not JSON, not the shape, nested
+    deeper than ``max_depth``), ``invalid_encoding`` or ``invalid_model_version``."""
+    problem = json_depth_problem(body, max_depth)
+    if problem is not None:
+        raise ReadError("invalid_request", f"invalid batchGet body: {problem}")
+    try:
+        request = _decode_batch(body)
+    except msgspec.DecodeError as exc:
+        raise ReadError("invalid_request", f"invalid batchGet body: {exc}") from None
+    except RecursionError:  # not reached under the depth bound; never a 500 if it is
+        raise ReadError("invalid_request", "invalid batchGet body: nested too deep") from None
+    return BatchGet(
+        request.user_ids, parse_encoding(request.encoding), parse_pin(request.model_version)
+    )
 
 
 # --- the contract, for the OpenAPI document --------------------------------------
@@ -202,7 +210,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         401: "missing or invalid API key (when keys are configured)",
         404: "no embedding (cold start disabled, or not in the pinned space)",
         409: "the stored embedding is in another space than the pinned model_version",
-        413: "request body too large",
+        413: "request body too large (by Content-Length, before it is read)",
         503: "the store did not answer in time; see Retry-After",
     }
     return {
@@ -215,7 +223,19 @@ def _errors(*statuses: int) -> dict[str, Any]:
     }
 
 
-def openapi_read_paths(max_batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def body_rules(max_body_bytes: int, max_depth: int) -> str:
+    """What the server enforces on every JSON body, for the OpenAPI document."""
+    return (
+        f"JSON (UTF-8), at most {max_body_bytes} bytes (413 above: by Content-Length "
+        f"before reading, while reading when it is chunked) and at most {max_depth} levels "
+        "of nested arrays/objects (400 deeper). Send it within the server's body timeout "
+        "(408 and the connection closed otherwise)."
+    )
+
+
+def openapi_read_paths(
+    max_batch: int, max_body_bytes: int, max_depth: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(paths, component schemas) describing the read routes."""
     schemas: dict[str, Any] = {}
     for model in (EmbeddingAnswer, BatchGetRequest, BatchGetResponse, ErrorResponse):
@@ -228,13 +248,17 @@ def openapi_read_paths(max_batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
             "name": "encoding",
             "in": "query",
             "required": False,
+            "description": "how the vector is written; empty (`?encoding=`) = omitted = json",
+            "allowEmptyValue": True,
             "schema": {"type": "string", "enum": list(ENCODINGS), "default": "json"},
         },
         {
             "name": "model_version",
             "in": "query",
             "required": False,
-            "description": "only serve an embedding in this space (409/404 otherwise)",
+            "description": "only serve an embedding in this space (409/404 otherwise); "
+            "empty = omitted = any space",
+            "allowEmptyValue": True,
             "schema": {"type": "string", "pattern": _VERSION_REGEX},
         },
     ]
@@ -262,7 +286,13 @@ def openapi_read_paths(max_batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
             "post": {
                 "summary": f"Up to {max_batch} users' embeddings in one store read",
                 "operationId": "batchGetEmbeddings",
-                "requestBody": {"required": True, "content": _json(BatchGetRequest)},
+                "requestBody": {
+                    "required": True,
+                    "description": body_rules(max_body_bytes, max_depth),
+                    "content": _json(BatchGetRequest),
+                    "x-max-bytes": max_body_bytes,
+                    "x-max-depth": max_depth,
+                },
                 "responses": {
                     "200": {"description": "answers", "content": _json(BatchGetResponse)},
                     **_errors(400, 401, 413, 503),

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 def _handler(ready: Callable[[], bool]) -> type[BaseHTTPRequestHandler]:
     class OpsHandler(BaseHTTPRequestHandler):
+        timeout = 5.0  # a socket read stalled this long ends the connection (and its thread)
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":

@@ -102,6 +102,12 @@ def parse_pin(value: str | None) -> str | None:
         raise ReadError("invalid_model_version", str(exc)) from None
 
 
+def max_request_bytes(settings: Settings) -> int:
+    """The largest batch read request (an HTTP body, a gRPC message): ``api_max_body_bytes``,
+    and at least 512 bytes per id allowed (ids are at most 128 chars; JSON adds a few)."""
+    return max(settings.api_max_body_bytes, settings.batch_get_max_ids * 512)
+
+
 def check_user_id(user_id: str) -> str:
     problem = user_id_problem(user_id)
     if problem is not None:

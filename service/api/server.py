@@ -10,6 +10,8 @@ from typing import Any
 
 import uvicorn
 
+from service.api.http_protocol import HttpLimits, JoinedWritesHttpToolsProtocol
+
 
 class EmbeddedServer(uvicorn.Server):
     """A uvicorn server that leaves signals to the caller (see :func:`run_until_signal`)."""
@@ -19,17 +21,28 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-def http_config(app: Any, host: str, port: int) -> uvicorn.Config:
-    """uvicorn settings for the read path: httptools, no access log, quiet."""
-    return uvicorn.Config(
+class ApiConfig(uvicorn.Config):
+    """uvicorn's settings plus the protocol's :class:`HttpLimits` (``http_limits``)."""
+
+    http_limits: HttpLimits
+
+
+def http_config(app: Any, host: str, port: int, limits: HttpLimits | None = None) -> uvicorn.Config:
+    """uvicorn settings for the read path: httptools with joined writes and bounds on
+    slow or oversized request heads and bodies (``limits``, else the app's
+    ``http_limits``, else the defaults), no access log, quiet."""
+    config = ApiConfig(
         app,
         host=host,
         port=port,
-        http="httptools",
+        http=JoinedWritesHttpToolsProtocol,
+        ws="none",  # no WebSocket routes: an upgrade request is served as plain HTTP
         access_log=False,
         log_level="warning",
         lifespan="on",
     )
+    config.http_limits = limits or getattr(app, "http_limits", None) or HttpLimits()
+    return config
 
 
 def install_stop_handlers(on_stop: Callable[[], None]) -> None:

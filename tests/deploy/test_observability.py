@@ -159,6 +159,9 @@ def test_alert_rules_are_complete(rules: dict[str, Any]) -> None:
         "userembed_ingest_consumer_lag_messages",  # consumer lag
         'status=~"5..|UNAVAILABLE',  # 5xx rate, gRPC server errors included
         "userembed_worker_oldest_dirty_age_seconds",  # queue age
+        "userembed_ingest_committed_offset",  # a partition not advancing (docs/failures.md)
+        "userembed_ingest_dlq_blocked",  # the dead-letter topic cannot be written
+        "userembed_ingest_crash_loop_partitions",  # ingest dies on a message
     ):
         assert metric in covered, f"no alert on {metric}"
 

@@ -24,7 +24,8 @@ from service.api.app import create_app
 from service.core.clock import now_ms
 from service.core.events import Event, SourcedEvent, encode_event
 from service.core.features import FeatureState, apply_events
-from service.ingest.kafka import DLQ_REASON_HEADER, KafkaEventSink, KafkaEventSource
+from service.ingest.dead_letters import DLQ_REASON_HEADER
+from service.ingest.kafka import KafkaEventSink, KafkaEventSource
 from service.ingest.mock_broker import mock_kafka_cluster
 from service.ingest.synthetic import MALFORMED_KINDS, SyntheticTraffic, malformed_payload
 from service.ingest.updater import FeatureUpdater, run_ingest

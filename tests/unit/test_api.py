@@ -416,3 +416,94 @@ def test_event_intake_without_a_sink_is_503(client: TestClient) -> None:
     response = client.post("/v1/events", json=[event_body()])
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "intake_disabled"
+
+
+def test_openapi_states_every_rule_the_server_enforces(store: MemoryStore, clock: Clock) -> None:
+    with client_for(store, clock, batch_get_max_ids=3000, api_events_max=7) as c:
+        schema = c.get("/openapi.json").json()
+        clock.now += 60_000
+        later = c.get("/openapi.json").json()
+    get = schema["paths"]["/v1/users/{user_id}/embedding"]["get"]
+    params = {p["name"]: p for p in get["parameters"]}
+    assert params["user_id"]["schema"]["pattern"] == "^[A-Za-z0-9_.:@-]{1,128}$"
+    assert params["encoding"]["allowEmptyValue"] and params["model_version"]["allowEmptyValue"]
+    batch = schema["paths"]["/v1/embeddings:batchGet"]["post"]["requestBody"]
+    assert (batch["x-max-bytes"], batch["x-max-depth"]) == (3000 * 512, 32)
+    assert f"at most {3000 * 512} bytes" in batch["description"]
+    request = schema["components"]["schemas"]["BatchGetRequest"]["properties"]["user_ids"]
+    assert request["maxItems"] == 3000
+    assert request["items"]["pattern"] == "^[A-Za-z0-9_.:@-]{1,128}$"
+    events = schema["paths"]["/v1/events"]["post"]
+    assert (events["requestBody"]["x-max-bytes"], events["requestBody"]["x-max-depth"]) == (
+        1 << 20,
+        32,
+    )
+    assert events["requestBody"]["content"]["application/json"]["schema"]["maxItems"] == 7
+    assert {"400", "401", "413", "503"} <= set(events["responses"])
+    ts = schema["components"]["schemas"]["Event"]["properties"]["ts"]
+    assert (ts["minimum"], ts["maximum"]) == (946_684_800_000, BASE_TS + 86_400_000)
+    later_ts = later["components"]["schemas"]["Event"]["properties"]["ts"]
+    assert later_ts["maximum"] == BASE_TS + 60_000 + 86_400_000  # as of each fetch
+    for rule in ("16384 bytes (431", "5 s", "10 s", "(413", "400 for two or more"):
+        assert rule in schema["info"]["description"], rule
+
+
+def test_an_empty_query_value_is_the_default(client: TestClient, store: MemoryStore) -> None:
+    put(client, store, "u1", BASE_TS)
+    plain = client.get("/v1/users/u1/embedding")
+    empty = client.get("/v1/users/u1/embedding?encoding=&model_version=")
+    bad = client.get("/v1/users/u1/embedding?encoding=%20")
+    assert (plain.status_code, empty.status_code) == (200, 200)
+    assert empty.json() == plain.json()
+    assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_encoding")
+
+
+def test_integral_floats_are_integers_to_event_intake(store: MemoryStore, clock: Clock) -> None:
+    """JSON Schema (and so the OpenAPI document) counts 1.76e12 as an integer: so does the
+    API, which hands Kafka the integer."""
+    sink = InProcessEventSource()
+    app = create_app(store, Settings(), lambda: COLD, event_sink=sink, clock=clock)
+    body = f'[{{"event_id": "e1", "user_id": "u1", "ts": {float(BASE_TS)}, "type": "view", '
+    with TestClient(app) as c:
+        accepted = c.post("/v1/events", content=body + '"item_id": 3.0, "category": 4.0}]')
+        fractional = c.post("/v1/events", content=body + '"item_id": 3.5}]')
+        assert c.portal is not None
+        [sourced] = c.portal.call(sink.next_batch, 10, 1.0)
+    assert accepted.status_code == 202
+    assert (sourced.event.ts, sourced.event.item_id, sourced.event.category) == (BASE_TS, 3, 4)
+    assert type(sourced.event.item_id) is int
+    assert fractional.status_code == 400
+    assert fractional.json()["error"]["code"] == "invalid_events"
+
+
+def test_an_unexpected_failure_is_a_500_in_the_envelope(clock: Clock) -> None:
+    class BrokenStore(MemoryStore):
+        async def ping(self) -> None:
+            raise RuntimeError("boom")
+
+    with client_for(BrokenStore(), clock) as c:
+        response = c.get("/readyz")
+        after = c.get("/healthz")
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": {"code": "internal", "message": "internal error; see the server log"}
+    }
+    assert response.headers["x-request-id"]
+    assert after.status_code == 200
+
+
+def test_deep_json_and_duplicate_keys_in_process(store: MemoryStore, clock: Clock) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with client_for(store, clock, api_keys=["k1"]) as c:
+        auth = {"Authorization": "Bearer k1"}
+        batch = c.post("/v1/embeddings:batchGet", content=deep, headers=auth)
+        events = c.post("/v1/events", content=deep, headers=auth)
+        twice = c.get(
+            "/v1/users/u1/embedding",
+            headers=[("Authorization", "Bearer no"), ("Authorization", "Bearer k1")],
+        )
+    for response in (batch, events):
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_request"
+        assert "nested 100000 levels deep" in response.json()["error"]["message"]
+    assert (twice.status_code, twice.json()["error"]["code"]) == (400, "invalid_request")

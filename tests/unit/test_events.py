@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,20 +14,9 @@ from service.core.events import (
     user_id_problem,
 )
 from tests.helpers import BASE_TS, event
+from tests.helpers import raw_event as raw
 
 NOW = BASE_TS
-
-
-def raw(**fields: object) -> bytes:
-    base: dict[str, object] = {
-        "event_id": "e1",
-        "user_id": "u1",
-        "ts": BASE_TS,
-        "type": "click",
-        "item_id": "i9",
-    }
-    base.update(fields)
-    return msgspec.json.encode({k: v for k, v in base.items() if v is not ...})
 
 
 def reason_of(data: bytes | str) -> str:
