@@ -5,12 +5,9 @@ kill -9 mid-stream: nothing lost, nothing counted twice, every dirty user embedd
 from __future__ import annotations
 
 import asyncio
-import gc
-import os
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,12 +17,12 @@ from redis.cluster import RedisCluster
 from models.registry import ModelArtifact
 from service.core.events import encode_event
 from service.core.features import FeatureState
-from service.ingest.mock_broker import mock_kafka_cluster
 from service.settings import Settings
 from service.store.redis import RedisStore
 from service.store.redis_server import LocalCluster, free_port
 from tests.integration.test_kafka_ingest import (
     env_of,
+    kafka_bootstrap,
     matches,
     produce,
     reference_states,
@@ -35,17 +32,7 @@ from tests.processes import Role, userembed, wait_for
 
 pytestmark = pytest.mark.slow
 SHARDS = 16
-
-
-@pytest.fixture(scope="module")
-def kafka_bootstrap() -> Iterator[str]:
-    configured = os.environ.get("KAFKA_BOOTSTRAP")
-    if configured:
-        yield configured
-        return
-    with mock_kafka_cluster() as bootstrap:
-        yield bootstrap
-        gc.collect()
+__all__ = ["kafka_bootstrap"]  # a fixture, shared with test_kafka_ingest
 
 
 def cluster_env(cluster: LocalCluster, kafka_bootstrap: str, registry: Path) -> dict[str, str]:
