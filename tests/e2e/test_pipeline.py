@@ -1,4 +1,7 @@
-"""The roles as separate processes over a real Redis: events in -> embedding served."""
+"""Worker and API as separate processes over a real Redis: features in -> embedding served.
+
+Events are applied in-process here, to isolate the worker and the API; the whole path
+through Kafka and `userembed ingest` is tests/e2e/test_kafka_to_ranker.py."""
 
 from __future__ import annotations
 
