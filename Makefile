@@ -51,6 +51,13 @@ fuzz: $(STAMP)
 bench-store: $(STAMP)
 	$(BIN)/userembed bench store
 
+## The GPU check (docs/gpu.md), from a bare GPU host: no venv, no network, so no $(STAMP).
+## `make gpu-check GPU_CHECK_ARGS=--dry-run` runs everything but CUDA on this machine.
+.PHONY: gpu-check
+GPU_CHECK_ARGS ?=
+gpu-check:
+	bash scripts/gpu_check.sh var/gpu-check $(GPU_CHECK_ARGS)
+
 ## Regenerate the committed gRPC code from service/api/proto/userembed/v1/embeddings.proto.
 proto: $(STAMP)
 	$(BIN)/python -m service.api.grpc_codegen

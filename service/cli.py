@@ -341,6 +341,8 @@ def _cmd_bench_ingest(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench_worker(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from service.bench.worker import WorkerBenchConfig, run_worker_bench
 
     run_worker_bench(
@@ -350,6 +352,10 @@ def _cmd_bench_worker(args: argparse.Namespace) -> None:
             redis_url=args.redis_url,
             intra_op_threads=args.threads,
             precision=args.precision,
+            events_per_user=args.events_per_user,
+            provider=args.provider,
+            processes=[int(p) for p in args.processes.split(",")],
+            json_path=Path(args.json) if args.json else None,
         )
     )
 
@@ -488,6 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker_bench.add_argument(
         "--precision", choices=["auto", "fp32", "fp16"], default="auto", help="model precision"
     )
+    worker_bench.add_argument(
+        "--provider", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA if present"
+    )
+    worker_bench.add_argument(
+        "--processes", default="1", help="comma-separated worker-process counts (e.g. 1,4)"
+    )
+    worker_bench.add_argument("--events-per-user", type=int, default=30)
+    worker_bench.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     worker_bench.add_argument("--redis-url", help="existing Redis (default: a private one)")
     worker_bench.set_defaults(func=_cmd_bench_worker)
     store_bench = bench_sub.add_parser(
