@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import msgspec
+from prometheus_client import REGISTRY
 
 from service.core.events import Event, EventType, SourcedEvent
 
@@ -49,3 +50,20 @@ def raw_event(**fields: object) -> bytes:
     }
     base.update(fields)
     return msgspec.json.encode({k: v for k, v in base.items() if v is not ...})
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    """A Prometheus sample's current value in the process registry (0 when absent)."""
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+class Delta:
+    """How much a process-global Prometheus sample moved since this was made: other
+    tests bump the same counters, so a test asserts the change its action caused."""
+
+    def __init__(self, name: str, labels: dict[str, str] | None = None) -> None:
+        self.name, self.labels = name, labels or {}
+        self.before = sample(name, self.labels)
+
+    def __call__(self) -> float:
+        return sample(self.name, self.labels) - self.before

@@ -274,7 +274,8 @@ class _Migration:
 
     async def _leases(self) -> int:
         client = self._client
-        total = int(await client.zcard(V1_LEASED)) + int(await client.hlen(V1_LEASE_INFO))
+        # v1 wrote a lease's info with it: the info hash adds only orphans to the count
+        total = max(int(await client.zcard(V1_LEASED)), int(await client.hlen(V1_LEASE_INFO)))
         requeued = 0
         while True:
             members = cast(list[bytes], await client.zrange(V1_LEASED, 0, self._batch - 1))

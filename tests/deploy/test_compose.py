@@ -235,7 +235,8 @@ def test_kafka_is_apache_kraft_with_explicit_topics(compose: dict[str, Any]) -> 
     script = services["kafka-init"]["command"][0]
     assert '--topic "$TOPIC"' in script and '--topic "$TOPIC.dlq"' in script
     assert '--partitions "$PARTITIONS"' in script
-    assert int(services["kafka-init"]["environment"]["PARTITIONS"]) >= 1
+    # USEREMBED_PARTITIONS by default: the 48 shards of USEREMBED_REDIS_SHARDS are 8 per partition
+    assert services["kafka-init"]["environment"]["PARTITIONS"] == "6"
     assert services["kafka-init"]["environment"]["TOPIC"] == Settings().kafka_topic
 
 

@@ -14,14 +14,11 @@ import asyncio
 import json
 import logging
 import socket
-import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from prometheus_client import REGISTRY
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from service.core.events import Event, SourcedEvent, encode_event
 from service.ingest import dead_letters as dead_letters_module
@@ -37,11 +34,14 @@ from service.ingest.synthetic import MALFORMED_KINDS, malformed_payload
 from service.ingest.updater import BatchResult, FeatureUpdater, run_ingest
 from service.settings import Settings
 from service.store.redis import RedisStore
+from tests.helpers import sample
 from tests.integration.test_kafka_ingest import (  # the harness of the Kafka ingest tests
     HISTORY,
+    committed_and_high,
     ingest_until,
     kafka_bootstrap,
     reaches,
+    read_topic,
     reference_states,
     settings,
     synthetic_events,
@@ -87,55 +87,8 @@ def produce(
     assert producer.flush(30) == 0
 
 
-def read_topic(settings: Settings, topic: str, expected: int, timeout_s: float = 30.0) -> list[Any]:
-    """Every message of ``topic`` (at least ``expected`` of them), read without a group."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"reader-{uuid.uuid4().hex[:6]}",
-            "enable.auto.commit": False,
-            "fetch.max.bytes": 8_000_000,
-        }
-    )
-    try:
-        found: list[Any] = []
-        for _ in range(int(timeout_s / 0.5)):
-            metadata = consumer.list_topics(topic, timeout=10).topics[topic]
-            if metadata.error is None and metadata.partitions:
-                break
-            time.sleep(0.5)
-        consumer.assign(
-            [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(metadata.partitions)]
-        )
-        deadline = time.monotonic() + timeout_s
-        while len(found) < expected and time.monotonic() < deadline:
-            found += [m for m in consumer.consume(500, 0.2) if m.error() is None]
-        found += [m for m in consumer.consume(500, 0.5) if m.error() is None]  # no more?
-    finally:
-        consumer.close()
-    return found
-
-
 def read_dlq(settings: Settings, expected: int) -> list[Any]:
     return read_topic(settings, settings.kafka_dlq_topic, expected)
-
-
-def committed_and_high(settings: Settings) -> tuple[dict[int, int], dict[int, int]]:
-    """The group's committed offset and the high watermark of every partition."""
-    consumer = Consumer(
-        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": settings.kafka_group}
-    )
-    try:
-        topic = consumer.list_topics(settings.kafka_topic, timeout=10).topics[settings.kafka_topic]
-        partitions = [TopicPartition(settings.kafka_topic, p) for p in sorted(topic.partitions)]
-        committed = {tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=10)}
-        high = {
-            tp.partition: consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1]
-            for tp in partitions
-        }
-    finally:
-        consumer.close()
-    return committed, high
 
 
 def assert_committed_to_the_end(settings: Settings) -> None:
@@ -155,10 +108,6 @@ def position_of(settings: Settings, value: bytes, produced: int) -> tuple[int, i
 
 def headers_of(message: Any) -> dict[str, bytes]:
     return dict(message.headers() or [])
-
-
-def sample(name: str, labels: dict[str, str] | None = None) -> float:
-    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
 
 
 def dead_letters(reason: str) -> float:

@@ -76,6 +76,23 @@ def queued(client: TestClient, store: MemoryStore, timeout_s: float = 5.0) -> li
     return []
 
 
+BARRIER = "barrier-user"
+
+
+def queued_up_to_a_barrier(client: TestClient, store: MemoryStore) -> list[str]:
+    """Every refresh asked for so far, barrier excluded. A cold read of ``BARRIER`` asks
+    for one more; a flush writes every pending request at once, so once the barrier is
+    queued, each earlier request is too (this does not race the background flusher)."""
+    assert client.get(f"/v1/users/{BARRIER}/embedding").json()["status"] == "cold_start"
+    found: list[str] = []
+    while BARRIER not in found:
+        popped = queued(client, store)
+        assert popped, "the barrier's refresh was never flushed"
+        found += popped
+    found.remove(BARRIER)
+    return sorted(found)
+
+
 def test_fresh_embedding_is_served_with_its_provenance(
     client: TestClient, store: MemoryStore
 ) -> None:
@@ -93,7 +110,7 @@ def test_fresh_embedding_is_served_with_its_provenance(
         "status": "fresh",
     }
     assert response.headers["content-type"] == "application/json"
-    assert queued(client, store, timeout_s=0.2) == []
+    assert queued_up_to_a_barrier(client, store) == []  # a fresh read asks for no refresh
 
 
 def test_missing_user_gets_cold_start_at_once_and_a_refresh(
@@ -120,8 +137,8 @@ def test_refreshes_are_coalesced_per_user(client: TestClient, store: MemoryStore
     for _ in range(5):
         client.get("/v1/users/u7/embedding")
     assert queued(client, store) == ["u7"]
-    client.get("/v1/users/u7/embedding")
-    assert queued(client, store, timeout_s=0.2) == []
+    client.get("/v1/users/u7/embedding")  # flushed already, and within refresh_coalesce_s
+    assert queued_up_to_a_barrier(client, store) == []
 
 
 def test_batch_get_keeps_request_order(client: TestClient, store: MemoryStore) -> None:

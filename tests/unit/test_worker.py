@@ -121,6 +121,7 @@ async def test_the_pipelined_loop_drains_the_queue_and_releases_every_lease(
         await asyncio.sleep(0.01)
     stop.set()
     await asyncio.wait_for(task, 10)
+    assert worker.embedded_total == 50  # each user once
     assert all(r is not None for r in await store.get_embeddings(users))
     stats = await store.dirty_stats()
     assert (stats.depth, stats.leased) == (0, 0)

@@ -8,7 +8,14 @@ import torch
 
 from models.dataset import Dataset
 from models.metrics import auc, auc_standard_error, normalized_entropy, recall_at_k
-from models.train import TrainConfig, TrainResult, train
+from models.train import (
+    ExampleTensors,
+    TrainConfig,
+    TrainResult,
+    evaluate_probs,
+    predict,
+    train,
+)
 from tests.unit.models.conftest import TINY_TOWER
 
 
@@ -17,7 +24,19 @@ def test_loss_goes_down_and_history_is_recorded(tiny_trained: TrainResult) -> No
     assert len(losses) >= 10
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     assert tiny_trained.history and "valid_click_auc" in tiny_trained.history[0]
-    assert 0.0 <= tiny_trained.valid["valid_click_auc"] <= 1.0
+
+
+def test_the_returned_model_is_the_evaluation_kept_as_best(
+    tiny_trained: TrainResult, tiny_data: Dataset
+) -> None:
+    """``valid`` is the history's lowest click NE, and the model returned is that very
+    state: evaluating it again gives the same numbers."""
+    best = min(tiny_trained.history, key=lambda h: h["valid_click_ne"])
+    assert tiny_trained.valid == best
+    again = evaluate_probs(
+        predict(tiny_trained.model, ExampleTensors(tiny_data.valid)), tiny_data.valid, "valid_"
+    )
+    assert again == pytest.approx({k: v for k, v in best.items() if k != "step"}, abs=1e-6)
 
 
 def test_same_seed_same_weights(tiny_data: Dataset) -> None:
