@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -41,20 +43,25 @@ def test_staleness_is_never_negative() -> None:
 
 
 def test_other_dtypes_are_refused() -> None:
-    with pytest.raises(ValueError, match="float16 or float32"):
+    with pytest.raises(
+        ValueError, match=r"^embedding dtype float64 not storable: use float16 or float32$"
+    ):
         encode_embedding(EmbeddingRecord(np.zeros(4, np.float64), "v", "v", 0, 0))
 
 
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda b: b[:5], "too short"),
-        (lambda b: b"ZZ" + b[2:], "not an embedding record"),
-        (lambda b: b[:2] + bytes([7]) + b[3:], "unsupported embedding layout v7"),
+        (lambda b: b[:5], "embedding record too short (5 bytes)"),
+        (lambda b: b"ZZ" + b[2:], "not an embedding record (magic b'ZZ')"),
+        (
+            lambda b: b[:2] + bytes([7]) + b[3:],
+            "unsupported embedding layout v7 (this build reads v1)",
+        ),
         (lambda b: b[:3] + bytes([99]) + b[4:], "unknown embedding dtype code 99"),
-        (lambda b: b[:-1], "expected"),
+        (lambda b: b[:-1], "embedding record is 59 bytes, expected 60"),
     ],
 )
 def test_unreadable_records_are_refused(mutate, message) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(EmbeddingDecodeError, match=message):
+    with pytest.raises(EmbeddingDecodeError, match=f"^{re.escape(message)}$"):
         decode_embedding(mutate(encode_embedding(record())))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -164,13 +166,47 @@ def test_record_is_compact() -> None:
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda b: b[:10], "too short"),
-        (lambda b: b"XX" + b[2:], "not a feature record"),
-        (lambda b: b[:2] + bytes([9]) + b[3:], "unsupported feature layout v9"),
-        (lambda b: b + b"\x00", "expected"),
+        (lambda b: b[:10], "feature record too short (10 bytes)"),
+        (lambda b: b"XX" + b[2:], "not a feature record (magic b'XX')"),
+        (
+            lambda b: b[:2] + bytes([9]) + b[3:],
+            "unsupported feature layout v9 (this build reads v1)",
+        ),
+        (lambda b: b + b"\x00", "feature record is 158 bytes, expected 157"),
     ],
 )
 def test_unreadable_records_are_refused_with_a_reason(mutate, message) -> None:  # type: ignore[no-untyped-def]
     encoded = encode_features(apply_events(FeatureState.empty(), log_of([event()]), L)[0])
-    with pytest.raises(FeatureDecodeError, match=message):
+    with pytest.raises(FeatureDecodeError, match=f"^{re.escape(message)}$"):
         decode_features(mutate(encoded))
+
+
+def test_categories_are_hashed_and_none_is_zero() -> None:
+    events = [event(ts=BASE_TS, category="c1"), event(ts=BASE_TS + 1, category=None)]
+    state, _ = apply_events(FeatureState.empty(), log_of(events), L)
+    assert state.category_hashes.tolist() == [hash_id("c1"), 0]
+
+
+def test_many_ties_keep_log_order() -> None:
+    """A stable merge: with numpy's default (unstable) sort, ties of this size reorder."""
+    stamps = np.random.default_rng(0).integers(0, 3, 200)
+    events = [event(ts=BASE_TS + int(t), item_id=i) for i, t in enumerate(stamps)]
+    state, _ = apply_events(FeatureState.empty(), log_of(events), 200)
+    expected = sorted(range(200), key=lambda i: (stamps[i], i))
+    assert state.item_hashes.tolist() == [hash_id(i) for i in expected]
+
+
+def test_decoded_fields_are_read_only_views_of_the_record() -> None:
+    record = encode_features(apply_events(FeatureState.empty(), log_of([event()]), L)[0])
+    decoded = decode_features(record)
+    raw = np.frombuffer(record, dtype=np.uint8)
+    for field in ("item_hashes", "category_hashes", "timestamps", "types", "counters"):
+        array = getattr(decoded, field)
+        assert not array.flags.writeable, field
+        assert np.shares_memory(array, raw), field
+
+
+def test_a_header_without_its_body_is_refused_for_its_size() -> None:
+    encoded = encode_features(apply_events(FeatureState.empty(), log_of([event()]), L)[0])
+    with pytest.raises(FeatureDecodeError, match="feature record is 36 bytes, expected 157"):
+        decode_features(encoded[:36])

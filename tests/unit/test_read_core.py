@@ -4,19 +4,31 @@ the reader's cache use and the cold start's space."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from service.api.coalescer import ReadCoalescer
 from service.api.cold_start import ColdStart
 from service.api.hot_cache import HotCache
-from service.api.reads import EmbeddingReader, ReadError
+from service.api.reads import (
+    Answer,
+    EmbeddingReader,
+    ReadError,
+    check_user_id,
+    max_request_bytes,
+    parse_encoding,
+    parse_pin,
+)
 from service.api.refresh import RefreshRequester
 from service.core.embeddings import EmbeddingRecord
+from service.settings import Settings
 from service.store.memory import MemoryStore
-from service.store.protocol import StoreUnavailable
+from service.store.protocol import StoreMisconfigured, StoreUnavailable
 from tests.helpers import BASE_TS
 
 
@@ -118,3 +130,344 @@ def test_cold_start_is_mapped_into_the_served_space() -> None:
     assert (cold.model_version, cold.space_version) == ("m2", "m1")
     assert cold.vector.tolist() == [0.0, 1.0]
     assert ColdStart(np.zeros(2, dtype=np.float32), "m3").space_version == "m3"
+
+
+# -- the read semantics, exactly ----------------------------------------------------------
+
+REFRESH_AFTER_MS = 60_000
+COLD = ColdStart(np.array([0.5, -0.5], dtype=np.float32), "m2", "m1")
+
+
+class Refreshes:
+    """A refresher that records what the reader asked to refresh."""
+
+    def __init__(self) -> None:
+        self.requested: list[list[str]] = []
+        self.ran_until: asyncio.Event | None = None
+
+    def request(self, user_ids: Sequence[str]) -> int:
+        self.requested.append(list(user_ids))
+        return len(user_ids)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.ran_until = stop
+
+
+def metric(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def served(status: str) -> float:
+    return metric("userembed_api_embeddings_served_total", {"status": status})
+
+
+def reader_for(
+    store: MemoryStore,
+    refreshes: Refreshes,
+    cold: ColdStart | None = COLD,
+    cold_calls: list[int] | None = None,
+    **options: Any,
+) -> EmbeddingReader:
+    def cold_start() -> ColdStart | None:
+        if cold_calls is not None:
+            cold_calls.append(1)
+        return cold
+
+    return EmbeddingReader(
+        store,
+        cold_start,
+        refreshes,  # type: ignore[arg-type]  # duck-typed RefreshRequester
+        **{"refresh_after_ms": REFRESH_AFTER_MS, "clock": lambda: BASE_TS, **options},
+    )
+
+
+async def test_the_fresh_stale_boundary_is_the_refresh_age_itself() -> None:
+    store, refreshes = MemoryStore(), Refreshes()
+    await store.put_embeddings(
+        {
+            "edge": record(at=BASE_TS - REFRESH_AFTER_MS),
+            "over": record(at=BASE_TS - REFRESH_AFTER_MS - 1),
+            "future": record(at=BASE_TS + 5),
+        }
+    )
+    answers = await reader_for(store, refreshes).batch_get(["edge", "over", "future"])
+    assert [a.status for a in answers] == ["fresh", "stale", "fresh"]
+    assert [a.staleness_ms for a in answers] == [REFRESH_AFTER_MS, REFRESH_AFTER_MS + 1, 0]
+    assert refreshes.requested == [["over"]]
+
+
+async def test_a_fresh_answer_carries_the_records_provenance() -> None:
+    store, refreshes = MemoryStore(), Refreshes()
+    stored = EmbeddingRecord(np.array([1.0, 2.0], np.float16), "m2", "m1", BASE_TS - 10, 9)
+    await store.put_embeddings({"u1": stored})
+    before = served("fresh")
+    answer = await reader_for(store, refreshes).get("u1")
+    assert answer.vector is not None and answer.vector.tolist() == [1.0, 2.0]
+    assert (answer.user_id, answer.status, answer.model_version, answer.space_version) == (
+        "u1",
+        "fresh",
+        "m2",
+        "m1",
+    )
+    assert (answer.computed_at, answer.feature_version, answer.staleness_ms) == (
+        BASE_TS - 10,
+        9,
+        10,
+    )
+    assert answer.dim == 2
+    assert refreshes.requested == []
+    assert served("fresh") - before == 1
+
+
+async def test_a_pin_serves_its_space_and_refuses_another() -> None:
+    store, refreshes = MemoryStore(), Refreshes()
+    await store.put_embeddings({"u1": record(space="m1"), "old": record(at=BASE_TS - 10**6)})
+    reader = reader_for(store, refreshes)
+    assert (await reader.get("u1", pin="m1")).status == "fresh"
+    (other,) = await reader.batch_get(["u1"], pin="m9")
+    assert (other.status, other.vector, other.space_version) == ("version_mismatch", None, "m1")
+    assert (other.model_version, other.staleness_ms, other.feature_version) == ("m1", 0, 1)
+    with pytest.raises(ReadError) as caught:
+        await reader.get("u1", pin="m9")
+    assert caught.value.code == "version_mismatch"
+    assert caught.value.message == (
+        "the embedding of 'u1' is in space 'm1' (model 'm1'), not the requested 'm9'"
+    )
+    # a stale record in another space is still refreshed
+    (old,) = await reader.batch_get(["old"], pin="m9")
+    assert old.status == "version_mismatch"
+    assert refreshes.requested == [["old"]]
+
+
+async def test_a_missing_user_gets_the_cold_start_in_its_space_and_a_refresh() -> None:
+    store, refreshes = MemoryStore(), Refreshes()
+    reader = reader_for(store, refreshes)
+    before = served("cold_start")
+    answer = await reader.get("u9")
+    assert (answer.user_id, answer.status) == ("u9", "cold_start")
+    assert answer.vector is not None and answer.vector.tolist() == [0.5, -0.5]
+    assert (answer.model_version, answer.space_version) == ("m2", "m1")
+    assert (answer.computed_at, answer.feature_version, answer.staleness_ms) == (None, None, None)
+    assert refreshes.requested == [["u9"]]
+    assert served("cold_start") - before == 1
+    assert (await reader.get("u9", pin="m1")).status == "cold_start"
+    (mismatch,) = await reader.batch_get(["u9"], pin="m2")  # the model's own name, not its space
+    assert (mismatch.user_id, mismatch.status, mismatch.vector) == ("u9", "not_found", None)
+    assert (mismatch.model_version, mismatch.space_version) == (None, None)
+    with pytest.raises(ReadError) as caught:
+        await reader.get("u9", pin="m2")
+    assert (caught.value.code, caught.value.message) == (
+        "not_found",
+        "no embedding of 'u9' in space 'm2' yet; a refresh was requested",
+    )
+
+
+async def test_without_a_cold_start_a_missing_user_is_not_found() -> None:
+    store, refreshes = MemoryStore(), Refreshes()
+    calls: list[int] = []
+    reader = reader_for(store, refreshes, cold_start_404=True, cold_calls=calls)
+    with pytest.raises(ReadError) as caught:
+        await reader.get("u9")
+    assert (caught.value.code, caught.value.message) == (
+        "not_found",
+        "no embedding of 'u9' yet; a refresh was requested",
+    )
+    assert calls == []  # the 404 mode does not even look at the model
+    assert refreshes.requested == [["u9"]]
+    no_model = reader_for(store, Refreshes(), cold=None)
+    assert [a.status for a in await no_model.batch_get(["a", "b"])] == ["not_found"] * 2
+
+
+async def test_batches_are_bounded_and_every_id_checked() -> None:
+    store, refreshes = MemoryStore(), Refreshes()
+    reader = reader_for(store, refreshes, max_batch=2)
+    assert len(await reader.batch_get(["a", "b"])) == 2
+    with pytest.raises(ReadError) as caught:
+        await reader.batch_get(["a", "b", "c"])
+    assert (caught.value.code, caught.value.message) == (
+        "batch_too_large",
+        "3 user_ids requested; at most 2 per call",
+    )
+    for read in (reader.batch_get(["a", "b c"]), reader.get("b c")):
+        with pytest.raises(ReadError) as bad:
+            await read
+        assert bad.value.code == "invalid_user_id"
+        assert bad.value.message == "invalid user_id 'b c': only [A-Za-z0-9_.:@-], 1..128 chars"
+    assert check_user_id("ok:1") == "ok:1"
+    assert await reader.batch_get([]) == []
+    assert refreshes.requested == [["a", "b"]]
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (
+            StoreUnavailable("connection refused"),
+            "store_unavailable",
+            "connection refused; retry shortly",
+        ),
+        (StoreMisconfigured("use redis+cluster://"), "store_misconfigured", "use redis+cluster://"),
+    ],
+)
+async def test_store_failures_are_read_errors_with_a_retry_after(
+    error: Exception, code: str, message: str
+) -> None:
+    class FailingStore(MemoryStore):
+        async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
+            raise error
+
+    reader = reader_for(FailingStore(), Refreshes(), retry_after_s=7)
+    before = metric("userembed_api_store_errors_total")
+    with pytest.raises(ReadError) as caught:
+        await reader.batch_get(["u1"])
+    assert (caught.value.code, caught.value.message, caught.value.retry_after_s) == (
+        code,
+        message,
+        7,
+    )
+    assert metric("userembed_api_store_errors_total") - before == 1
+
+
+async def test_served_staleness_is_sampled_from_stored_answers_only() -> None:
+    store = MemoryStore()
+    await store.put_embeddings({f"u{i}": record(at=BASE_TS - 1000 * i) for i in range(40)})
+    reader = reader_for(store, Refreshes(), refresh_after_ms=10**9)
+    count, total = (
+        "userembed_api_served_staleness_seconds_count",
+        "userembed_api_served_staleness_seconds_sum",
+    )
+    before = (metric(count), metric(total), served("fresh"), served("cold_start"))
+    await reader.batch_get([f"u{i}" for i in range(40)])  # every 40 // 16 = 2nd answer
+    assert metric(count) - before[0] == 20
+    assert metric(total) - before[1] == pytest.approx(sum(range(0, 40, 2)))
+    assert served("fresh") - before[2] == 40
+    await reader.batch_get(["u3", "u5", "nobody"])  # short batch: all, cold start excluded
+    assert metric(count) - before[0] == 22
+    assert metric(total) - before[1] == pytest.approx(sum(range(0, 40, 2)) + 8)
+    assert served("cold_start") - before[3] == 1
+
+
+async def test_the_reader_runs_its_refresher() -> None:
+    refreshes, stop = Refreshes(), asyncio.Event()
+    await reader_for(MemoryStore(), refreshes).run(stop)
+    assert refreshes.ran_until is stop
+
+
+async def test_the_reader_from_settings_uses_every_setting() -> None:
+    now = [BASE_TS]
+    store = MemoryStore()
+    settings = Settings(
+        refresh_after_s=2,
+        refresh_coalesce_s=2,
+        refresh_max_rate=2,
+        batch_get_max_ids=3,
+        api_retry_after_s=4,
+        api_read_timeout_ms=250,
+        hot_cache_ttl_ms=500,
+        hot_cache_max_users=7,
+    )
+    reader = EmbeddingReader.from_settings(store, settings, lambda: COLD, clock=lambda: now[0])
+    assert reader.max_batch == 3
+    assert reader.cache is not None
+    await store.put_embeddings({"a": record(at=BASE_TS - 2000), "b": record(at=BASE_TS - 2001)})
+    answers = await reader.batch_get(["a", "b", "new"])
+    assert [a.status for a in answers] == ["fresh", "stale", "cold_start"]
+    assert reader.cache.misses == 3
+    # the refresher: this store, this clock, 2 tokens, coalescing for 2 s
+    assert reader.refresher.request(["x"]) == 0  # both tokens taken by b and new
+    assert await reader.refresher.flush() == 2
+    assert sorted(await store.pop_dirty(10)) == [("b", BASE_TS), ("new", BASE_TS)]
+    now[0] = BASE_TS + 1999
+    assert reader.refresher.request(["b"]) == 0
+    now[0] = BASE_TS + 2000
+    assert reader.refresher.request(["b"]) == 1
+
+    class FailingStore(MemoryStore):
+        async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
+            raise TimeoutError
+
+    failing = EmbeddingReader.from_settings(FailingStore(), settings, lambda: None)
+    with pytest.raises(ReadError) as caught:
+        await failing.get("u1")
+    assert (caught.value.message, caught.value.retry_after_s) == (
+        "store did not answer within 250 ms; retry shortly",
+        4,
+    )
+    strict = EmbeddingReader.from_settings(
+        store, Settings(cold_start_404=True), lambda: COLD, clock=lambda: BASE_TS
+    )
+    assert [a.status for a in await strict.batch_get(["new"])] == ["not_found"]
+    assert EmbeddingReader.from_settings(store, Settings(), lambda: None).cache is None
+
+
+async def test_the_default_bounds_of_a_reader() -> None:
+    class TimingOut(MemoryStore):
+        async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
+            raise TimeoutError
+
+    reader = EmbeddingReader(TimingOut(), lambda: None, Refreshes(), refresh_after_ms=1)  # type: ignore[arg-type]
+    with pytest.raises(ReadError) as slow:
+        await reader.batch_get(["u1"])
+    assert slow.value.message == "store did not answer within 1000 ms; retry shortly"
+    assert str(slow.value) == slow.value.message
+    with pytest.raises(ReadError) as large:
+        await reader.batch_get([f"u{i}" for i in range(1001)])
+    assert large.value.message == "1001 user_ids requested; at most 1000 per call"
+
+
+async def test_the_cache_keeps_only_found_records() -> None:
+    store = MemoryStore()
+    await store.put_embeddings({"u1": record(space="m1")})
+    cache = HotCache(ttl_ms=60_000, max_users=10)
+    reader = reader_for(store, Refreshes(), cache=cache)
+    first = await reader.batch_get(["u1", "u2"])
+    assert [(a.user_id, a.status) for a in first] == [("u1", "fresh"), ("u2", "cold_start")]
+    await store.put_embeddings({"u1": record(space="m2"), "u2": record(space="m2")})
+    again = await reader.batch_get(["u1", "u2"])
+    assert [a.space_version for a in again] == ["m1", "m2"]  # u1 cached, u2 was not
+    assert (cache.hits, cache.misses) == (1, 3)
+
+
+def test_request_parsing() -> None:
+    assert parse_encoding("base64_float16") == "base64_float16"
+    with pytest.raises(ReadError) as caught:
+        parse_encoding("xml")
+    assert (caught.value.code, caught.value.message) == (
+        "invalid_encoding",
+        "unknown encoding 'xml': use one of json, base64_float16, base64_float32",
+    )
+    assert parse_pin(None) is None and parse_pin("") is None
+    assert parse_pin("sum-2.1") == "sum-2.1"
+    with pytest.raises(ReadError) as pin:
+        parse_pin("no spaces")
+    assert pin.value.code == "invalid_model_version"
+    assert "invalid model version 'no spaces'" in pin.value.message
+    assert max_request_bytes(Settings(api_max_body_bytes=10**6, batch_get_max_ids=10)) == 10**6
+    assert max_request_bytes(Settings(api_max_body_bytes=1024, batch_get_max_ids=10)) == 5120
+
+
+def test_answers_encode_their_vector_for_each_wire_form() -> None:
+    vector = np.array([1.0, -2.0], np.float16)
+    answer = Answer("u1", "fresh", vector, "m1", "m1")
+    as_json = answer.encoded("json")
+    assert isinstance(as_json, np.ndarray) and as_json.dtype == np.float32
+    assert as_json.tolist() == [1.0, -2.0]
+    assert answer.encoded("base64_float16") == base64.b64encode(bytes.fromhex("003c00c0")).decode()
+    assert (
+        answer.encoded("base64_float32")
+        == base64.b64encode(bytes.fromhex("0000803f000000c0")).decode()
+    )
+    assert answer.packed("float16") == bytes.fromhex("003c00c0")
+    empty = Answer("u1", "not_found", None, None, None)
+    assert (empty.encoded("json"), empty.packed("float32"), empty.dim) == (None, b"", None)
+
+
+async def test_a_store_answering_too_few_records_is_an_error_not_a_short_answer() -> None:
+    class ShortStore(MemoryStore):
+        async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
+            return (await super().get_embeddings(user_ids))[:-1]
+
+    for cache in (None, HotCache(ttl_ms=60_000, max_users=10)):
+        reader = reader_for(ShortStore(), Refreshes(), cache=cache)
+        with pytest.raises(ValueError, match="zip"):
+            await reader.batch_get(["u1", "u2"])

@@ -96,3 +96,48 @@ def test_the_vectorized_assembly_equals_the_per_user_definition(
     fast, slow = assemble(states, now, SCHEMA), assemble_one_by_one(states, now, SCHEMA)
     for name in SCHEMA.inputs():
         np.testing.assert_array_equal(fast[name], slow[name], err_msg=name)
+
+
+def test_the_schema_and_its_digest_are_pinned() -> None:
+    """The digest travels in every model manifest: a change of the canonical form makes
+    every published model unservable, so it is pinned, not recomputed."""
+    seq = ["batch", 4]
+    assert SCHEMA.to_dict() == {
+        "history_length": 4,
+        "item_buckets": 101,
+        "category_buckets": 11,
+        "num_event_types": 8,
+        "num_counters": 24,
+        "inputs": {
+            "item_ids": ("int64", seq),
+            "category_ids": ("int64", seq),
+            "event_types": ("int64", seq),
+            "ages": ("float32", seq),
+            "mask": ("float32", seq),
+            "counters": ("float32", ["batch", 24]),
+        },
+    }
+    assert SCHEMA.digest() == "0b7e0a1f2ad1ad6920d2874c4fffbb6cbfcee883261f3073006526b8145a0041"
+    assert InputSchema().digest() == (
+        "7dc9a3b210b7f9772e1783a0d999e23ac4240d2b27dea52abb0557b4e97f9616"
+    )
+    assert InputSchema.from_dict({**SCHEMA.to_dict(), "unknown": 1}) == SCHEMA
+
+
+def test_bucket_ids_are_pinned_and_hash_zero_is_padding() -> None:
+    hashes = np.array([0, 1, 99, 100, 101, 2**62 + 5], dtype=np.int64)
+    assert bucket_ids(hashes, 101).tolist() == [0, 2, 100, 1, 2, 10]
+
+
+def test_a_missing_category_is_padding_in_its_position() -> None:
+    events = [event(ts=BASE_TS, item_id=7, category=None), event(ts=BASE_TS + 1, item_id=8)]
+    state = apply_events(FeatureState.empty(), log_of(events), 10)[0]
+    tensors = assemble([state], BASE_TS + 1, SCHEMA)
+    assert tensors["category_ids"][0].tolist() == [
+        0,
+        0,
+        0,
+        int(bucket_ids(state.category_hashes, 11)[1]),
+    ]
+    assert tensors["category_ids"][0, 3] > 0
+    assert tensors["item_ids"][0, 2:].tolist() == bucket_ids(state.item_hashes, 101).tolist()
