@@ -24,6 +24,13 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
         "tower to ONNX (parity-checked) and publish it to the registry.",
     )
     data = train.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        choices=("world", "movielens-1m"),
+        default="world",
+        help="world: the synthetic world (or --logs); movielens-1m: next-item retrieval on "
+        "MovieLens-1M against popularity and SASRec (the --ml-* flags, docs/movielens.md)",
+    )
     data.add_argument("--logs", type=Path, help="train on an event log (.parquet or .jsonl)")
     data.add_argument("--users", type=int, default=2_000, help="world users (default 2000)")
     data.add_argument("--items", type=int, default=5_000, help="world items (default 5000)")
@@ -58,6 +65,21 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--threads", type=int, default=2)
     fit.add_argument("--no-progress", action="store_true")
+    ml = train.add_argument_group("movielens-1m (with --dataset movielens-1m)")
+    ml.add_argument("--ml-out", type=Path, default=Path("var/movielens"), help="artefacts")
+    ml.add_argument("--ml-max-users", type=int, help="only the first N users of the file")
+    ml.add_argument("--ml-history-length", type=int, default=200)
+    ml.add_argument("--ml-embed-dim", type=int, default=64)
+    ml.add_argument("--ml-layers", type=int, default=1, help="self-attention blocks")
+    ml.add_argument("--ml-output-dim", type=int, default=64)
+    ml.add_argument("--ml-dropout", type=float, default=0.2)
+    ml.add_argument("--ml-cuts-per-user", type=int, default=8, help="SUM examples/user/epoch")
+    ml.add_argument("--ml-epochs", type=int, default=200, help="max epochs of each model")
+    ml.add_argument("--ml-patience", type=int, default=5, help="epochs without better NDCG@10")
+    ml.add_argument(
+        "--ml-budget-min", type=float, help="stop each model after the epoch past this time"
+    )
+    ml.add_argument("--ml-no-sasrec", action="store_true", help="skip the SASRec baseline")
     out = train.add_argument_group("output")
     out.add_argument("--registry", type=Path, help="registry directory (default: settings)")
     out.add_argument("--version", help="version name (default sum-<utc timestamp>)")
@@ -80,6 +102,13 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     bench.add_argument("--threads", type=int, default=2)
     bench.add_argument("--history-length", type=int, default=50)
     bench.set_defaults(func=cmd_bench_model)
+
+    retrieval = sub.add_parser(
+        "evaluate-retrieval",
+        help="print the MovieLens-1M table recomputed from the eval*.npz artefacts",
+    )
+    retrieval.add_argument("--dir", type=Path, default=Path("var/movielens"))
+    retrieval.set_defaults(func=cmd_evaluate_retrieval)
 
     world = sub.add_parser(
         "export-world", help="write the synthetic world's events as JSON Lines (train --logs)"
@@ -150,6 +179,9 @@ def _registry(path: Path | None) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    if args.dataset == "movielens-1m":
+        cmd_train_movielens(args)
+        return
     from models.bench import bench_tower, format_bench, sample_tensors
     from models.pipeline import RunConfig, publish_run, run_training
     from models.report import format_report, quality_report
@@ -197,6 +229,65 @@ def cmd_train(args: argparse.Namespace) -> None:
             else ""
         )
     )
+
+
+def cmd_train_movielens(args: argparse.Namespace) -> None:
+    from models.fit import FitConfig
+    from models.movielens_run import (
+        MovieLensConfig,
+        format_table,
+        publish_movielens,
+        run_movielens,
+        write_artifacts,
+    )
+    from models.sasrec import SASRecConfig
+    from models.sum_retrieval import SumRetrievalConfig
+    from models.user_tower import TowerConfig
+
+    budget = None if args.ml_budget_min is None else args.ml_budget_min * 60
+    fit = FitConfig(max_epochs=args.ml_epochs, patience=args.ml_patience, time_budget_s=budget)
+    config = MovieLensConfig(
+        max_users=args.ml_max_users,
+        history_length=args.ml_history_length,
+        tower=TowerConfig(
+            embed_dim=args.ml_embed_dim,
+            heads=1,
+            layers=args.ml_layers,
+            mlp=(4 * args.ml_embed_dim,),
+            output_dim=args.ml_output_dim,
+            dropout=args.ml_dropout,
+        ),
+        sum=SumRetrievalConfig(
+            cuts_per_user=args.ml_cuts_per_user, batch_size=args.batch_size, seed=args.seed
+        ),
+        sum_fit=fit,
+        sasrec=None if args.ml_no_sasrec else SASRecConfig(seed=args.seed),
+        sasrec_fit=fit,
+        threads=args.threads,
+    )
+    run = run_movielens(config)
+    write_artifacts(run, args.ml_out)
+    print(
+        f"MovieLens-1M: {len(run.split.users)} users, {run.split.num_items} items, "
+        f"{int(run.split.indptr[-1])} ratings; SUM {run.sum_fit.epochs} epochs "
+        f"({run.sum_fit.stopped_by}), export parity max|diff|={run.parity_max_abs_diff:.1e}"
+    )
+    print(format_table(run.table, run.seconds))
+    print(f"artefacts in {args.ml_out}")
+    if args.no_publish:
+        return
+    version = args.version or time.strftime("sum-ml1m-%Y%m%dT%H%M%SZ", time.gmtime())
+    artifact = publish_movielens(
+        run, _registry(args.registry), version, make_current=not args.no_current
+    )
+    print(f"published {artifact.version} to {artifact.directory}")
+
+
+def cmd_evaluate_retrieval(args: argparse.Namespace) -> None:
+    from models.movielens_run import format_table, table_from_artifacts
+
+    table, seconds = table_from_artifacts(args.dir)
+    print(format_table(table, seconds))
 
 
 def cmd_bench_model(args: argparse.Namespace) -> None:
