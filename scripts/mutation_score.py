@@ -28,6 +28,9 @@ from typing import Final
 # mutmut's exit codes (mutmut/stats.py, status_by_exit_code). A timeout counts as a
 # kill (the mutant made the tests hang), as do mutants the type checker rejects.
 KILLED: Final = frozenset({1, 3, 36, 37, 24, -24, 152, 255})
+# A timeout depends on the machine's load: an equivalent that timed out is not evidence
+# that the tests kill it, only a failing test run (1, 3) or the type check (37) is.
+TIMEOUT: Final = frozenset({36, 24, -24, 152, 255})
 SURVIVED: Final = frozenset({0})
 NO_TESTS: Final = frozenset({5, 33})
 SKIPPED: Final = frozenset({34})
@@ -78,7 +81,7 @@ def score_module(
             result.unchecked.append(name)
         elif code in SKIPPED:
             continue
-        elif name in equivalents and code in SURVIVED:
+        elif name in equivalents and code in SURVIVED | TIMEOUT:
             result.equivalent.append(name)
         elif code in KILLED:
             result.killed.append(name)
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"equivalent {name} no longer exists (the code changed): review "
                 f"{args.equivalents} again"
             )
-        elif seen[name] is not None and seen[name] not in SURVIVED:
+        elif seen[name] is not None and seen[name] not in SURVIVED | TIMEOUT:
             problems.append(f"equivalent {name} is now killed: remove it from the list")
 
     if problems:
