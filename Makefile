@@ -25,14 +25,14 @@ demo: $(STAMP)
 ## Unit, integration (real redis-server) and end-to-end tests, plus lint and types, then
 ## mutation testing of the pure core, read semantics and ingest updater (~4 min on 2 cores).
 test: $(STAMP)
-	$(BIN)/ruff check service models tests scripts
+	$(BIN)/ruff check service models tests scripts userembed examples
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 	$(MAKE) --no-print-directory mutate
 
 lint: $(STAMP)
-	$(BIN)/ruff check service models tests
-	$(BIN)/ruff format --check service models tests
+	$(BIN)/ruff check service models tests userembed examples
+	$(BIN)/ruff format --check service models tests userembed examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

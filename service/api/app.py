@@ -38,6 +38,7 @@ from service.api.frontend import (
     new_request_id,
 )
 from service.api.http_body import read_body, too_large
+from service.api.http_docs import ASSETS_PREFIX, add_offline_docs
 from service.api.http_events import ApiError, events_openapi, set_ts_maximum, validate_events
 from service.api.http_protocol import HttpLimits
 from service.api.http_reads import (
@@ -133,6 +134,7 @@ class ApiApp:
             if (
                 self._keys
                 and path not in self._open
+                and not path.startswith(ASSETS_PREFIX)  # the documentation's JS and CSS
                 and (duplicate_auth or not self._keys.allows(authorization))
             ):
                 status = await self._fail(send, request_id, _auth_error(duplicate_auth))
@@ -364,7 +366,10 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
         default_response_class=JSONResponse,
+        docs_url=None,  # served without a CDN by add_offline_docs below
+        redoc_url=None,
     )
+    add_offline_docs(app)
     app.clock = clock
     depth = settings.api_max_json_depth
     events_limit = settings.api_max_body_bytes
