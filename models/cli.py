@@ -82,6 +82,12 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     ml.add_argument("--ml-no-sasrec", action="store_true", help="skip the SASRec baseline")
     out = train.add_argument_group("output")
     out.add_argument("--registry", type=Path, help="registry directory (default: settings)")
+    out.add_argument(
+        "--model",
+        default="default",
+        help="the model to publish a version of (default: 'default'; another name is "
+        "served beside it, <registry>/_models/<name>)",
+    )
     out.add_argument("--version", help="version name (default sum-<utc timestamp>)")
     out.add_argument("--parent", default="auto", help="parent version ('auto' = CURRENT, 'none')")
     out.add_argument("--no-current", action="store_true", help="publish without making CURRENT")
@@ -169,13 +175,16 @@ def run_config_from_args(args: argparse.Namespace) -> object:
     )
 
 
-def _registry(path: Path | None) -> Path:
-    if path is not None:
-        return path
-    from service.settings import Settings
+def _registry(path: Path | None, model: str = "default") -> Path:
+    """The registry directory of ``model`` (the root itself for the default model)."""
+    from models.registry import model_root
 
-    from_environment: dict[str, Any] = {}  # every field from USEREMBED_* or its default
-    return Settings(**from_environment).registry_path
+    if path is None:
+        from service.settings import Settings
+
+        from_environment: dict[str, Any] = {}  # every field from USEREMBED_* or its default
+        path = Settings(**from_environment).registry_path
+    return model_root(path, model)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -217,7 +226,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     version = args.version or time.strftime("sum-%Y%m%dT%H%M%SZ", time.gmtime())
     parent = None if args.parent == "none" else args.parent
-    registry = _registry(args.registry)
+    registry = _registry(args.registry, args.model)
     artifact = publish_run(run, registry, version, parent, make_current=not args.no_current)
     alignment = artifact.manifest.alignment
     print(
@@ -278,7 +287,7 @@ def cmd_train_movielens(args: argparse.Namespace) -> None:
         return
     version = args.version or time.strftime("sum-ml1m-%Y%m%dT%H%M%SZ", time.gmtime())
     artifact = publish_movielens(
-        run, _registry(args.registry), version, make_current=not args.no_current
+        run, _registry(args.registry, args.model), version, make_current=not args.no_current
     )
     print(f"published {artifact.version} to {artifact.directory}")
 

@@ -1,11 +1,17 @@
-"""Versioned model registry on a directory.
+"""Versioned model registry on a directory, with named models side by side.
 
-Layout::
+Layout of one model::
 
     <root>/<version>/model.onnx
     <root>/<version>/manifest.json
     <root>/<version>/alignment.npy   # optional: this space -> the parent's (Procrustes)
     <root>/CURRENT                   # name of the version to serve
+
+The registry root is the model named ``default`` (so a registry written before there
+were several models reads unchanged); every other model ``<name>`` is a registry of
+its own under ``<root>/_models/<name>/`` (a version name starts with a letter or
+digit, so ``_models`` is never a version). A model is served while its directory has
+a CURRENT; retiring it renames CURRENT to RETIRED (``set_current`` serves it again).
 
 Publishing writes a version directory completely under a temporary dot-name,
 fsyncs the files and the directory, renames it into place and swaps CURRENT by
@@ -35,9 +41,12 @@ import numpy.typing as npt
 import onnx
 
 from models.alignment import FittedAlignment
+from service.core.model_names import DEFAULT_MODEL, check_model_name
 from service.core.tensors import InputSchema
 
 CURRENT_FILE: Final = "CURRENT"
+RETIRED_FILE: Final = "RETIRED"
+MODELS_DIR: Final = "_models"
 MODEL_FILE: Final = "model.onnx"
 FP16_MODEL_FILE: Final = "model.fp16.onnx"
 MANIFEST_FILE: Final = "manifest.json"
@@ -179,11 +188,44 @@ def load_manifest(root: Path, version: str) -> Manifest:
 
 
 def list_versions(root: Path) -> list[str]:
-    """Published versions, oldest first (staging directories start with '.')."""
+    """Published versions, oldest first (staging directories start with '.', and
+    ``_models`` holds the named models)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    found = [p for p in root.iterdir() if p.is_dir() and _VERSION_PATTERN.fullmatch(p.name)]
     return [p.name for p in sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))]
+
+
+def model_root(root: Path, model: str = DEFAULT_MODEL) -> Path:
+    """The registry of the model ``model``: the root itself for the default model."""
+    if check_model_name(model) == DEFAULT_MODEL:
+        return root
+    return root / MODELS_DIR / model
+
+
+def served_models(root: Path) -> list[str]:
+    """The models with a CURRENT: ``default`` first, then the named ones by name."""
+    names = [DEFAULT_MODEL] if (root / CURRENT_FILE).is_file() else []
+    models = root / MODELS_DIR
+    if models.is_dir():
+        names += sorted(
+            p.name
+            for p in models.iterdir()
+            if p.name != DEFAULT_MODEL and (p / CURRENT_FILE).is_file()
+        )
+    return names
+
+
+def retire_model(root: Path, model: str) -> str:
+    """Stop serving ``model``: its CURRENT becomes RETIRED (versions stay); returns
+    the version it served."""
+    directory = model_root(root, model)
+    version = current_version(directory)
+    if version is None:
+        raise RegistryError(f"model {model!r} is not served by {root}")
+    (directory / CURRENT_FILE).replace(directory / RETIRED_FILE)
+    _fsync_dir(directory)
+    return version
 
 
 def _check_graph_inputs(version: str, model_path: Path, schema: InputSchema) -> None:

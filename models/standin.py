@@ -103,11 +103,12 @@ def publish_standin(
     parent_version: str | None = None,
     alignment_states: Sequence[FeatureState] | None = None,
     make_current: bool = True,
+    output_dim: int = 128,
 ) -> ModelArtifact:
     """Build the stand-in, compute its cold-start embedding, and publish it (as CURRENT
     by default; aligned onto ``parent_version`` when ``alignment_states`` are given)."""
     schema = InputSchema(history_length=history_length)
-    onnx_bytes = build_standin(schema, seed=seed)
+    onnx_bytes = build_standin(schema, output_dim=output_dim, seed=seed)
     runtime = OnnxModelRuntime(onnx_bytes, version=version, schema=schema, prefer_gpu=False)
     # The stand-in has no population to average over: its cold start is the model's
     # answer for a user with no history at all.

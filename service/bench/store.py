@@ -34,6 +34,7 @@ from service.core.clock import now_ms
 from service.core.embeddings import EmbeddingDtype, EmbeddingRecord, encode_embedding
 from service.core.events import SourcedEvent
 from service.core.features import FeatureState, apply_events, encode_features
+from service.core.model_names import DEFAULT_MODEL
 from service.ingest.synthetic import SyntheticTraffic
 from service.ingest.updater import FeatureUpdater
 from service.store.keys import KeyLayout
@@ -172,7 +173,7 @@ async def _pipeline_sections(
             ids = [u for u, _ in claimed]
             states, _ = await store.get_features_and_embeddings(ids)
             records = _records(ids, vectors, [s.version if s else 0 for s in states])
-            await store.write_and_release(TOKEN, records, dict(claimed))
+            await store.write_and_release(TOKEN, {DEFAULT_MODEL: records}, dict(claimed))
             return len(ids)
 
         name = f"claim+read+write b{config.worker_batch}"

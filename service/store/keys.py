@@ -5,7 +5,10 @@ for the message key, so with ``shards`` a multiple of the topic's partition coun
 partition's users fall in ``shards / partitions`` shards and one ingest batch
 touches few of them (docs/capacity.md). Per shard ``s``:
 
-- ``uf:{s}:<uid>`` feature state, ``ue:{s}:<uid>`` embedding record;
+- ``uf:{s}:<uid>`` feature state, ``ue:{s}:<uid>`` the default model's embedding
+  record, ``ue.<model>:{s}:<uid>`` a named model's (model names have no ``.`` or
+  ``:``, so no two prefixes meet; all of a user's records share one slot, so one
+  MGET reads every model of a user);
 - ``userembed:{s}:dirty`` the dirty queue (sorted set, score = dirty since, ms);
 - ``userembed:{s}:leased`` claims in flight (score = lease expiry) with
   ``userembed:{s}:lease`` (user -> ``token:dirty_at``);
@@ -22,6 +25,8 @@ import zlib
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Final
+
+from service.core.model_names import DEFAULT_MODEL
 
 LAYOUT: Final = 2
 DEFAULT_SHARDS: Final = 64  # Settings.redis_shards
@@ -55,8 +60,9 @@ class KeyLayout:
     def feature_key(self, user_id: str) -> str:
         return f"uf:{self._tags[self.shard(user_id)]}:{user_id}"
 
-    def embedding_key(self, user_id: str) -> str:
-        return f"ue:{self._tags[self.shard(user_id)]}:{user_id}"
+    def embedding_key(self, user_id: str, model: str = DEFAULT_MODEL) -> str:
+        prefix = "ue" if model == DEFAULT_MODEL else f"ue.{model}"
+        return f"{prefix}:{self._tags[self.shard(user_id)]}:{user_id}"
 
     def dirty_key(self, shard: int) -> str:
         return f"userembed:{self._tags[shard]}:dirty"

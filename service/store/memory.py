@@ -14,7 +14,8 @@ from service.core.features import (
     encode_features,
     encoded_version,
 )
-from service.store.protocol import RECLAIM_PER_CALL, DirtyStats
+from service.core.model_names import DEFAULT_MODEL
+from service.store.protocol import RECLAIM_PER_CALL, DirtyStats, ModelRecords
 from service.store.records import embedding_or_none, features_or_none
 
 
@@ -28,7 +29,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._features: dict[str, bytes] = {}
-        self._embeddings: dict[str, bytes] = {}
+        self._embeddings: dict[tuple[str, str], bytes] = {}  # (model, user) -> record
         self._dirty: dict[str, int] = {}
         # (dirty_at_ms, user_id): ties break by user id, as in a Redis sorted set.
         # Entries whose time no longer matches self._dirty are stale and skipped.
@@ -62,23 +63,33 @@ class MemoryStore:
                 self._active[user_id] = max(self._active.get(user_id, 0), dirty_at_ms)
         return conflicts
 
-    async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
-        return [embedding_or_none(self._embeddings.get(u), u) for u in user_ids]
+    async def get_embeddings(
+        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+    ) -> list[EmbeddingRecord | None]:
+        return [embedding_or_none(self._embeddings.get((model, u)), u) for u in user_ids]
 
-    async def put_embeddings(self, records: Mapping[str, EmbeddingRecord]) -> None:
+    async def get_model_embeddings(
+        self, user_ids: Sequence[str], models: Sequence[str]
+    ) -> list[list[EmbeddingRecord | None]]:
+        return [await self.get_embeddings(user_ids, model) for model in models]
+
+    async def put_embeddings(
+        self, records: Mapping[str, EmbeddingRecord], model: str = DEFAULT_MODEL
+    ) -> None:
         for user_id, record in records.items():
-            self._embeddings[user_id] = encode_embedding(record)
+            self._embeddings[model, user_id] = encode_embedding(record)
 
     async def get_features_and_embeddings(
-        self, user_ids: Sequence[str]
-    ) -> tuple[list[FeatureState | None], list[EmbeddingRecord | None]]:
-        return await self.get_features(user_ids), await self.get_embeddings(user_ids)
+        self, user_ids: Sequence[str], models: Sequence[str] = (DEFAULT_MODEL,)
+    ) -> tuple[list[FeatureState | None], list[list[EmbeddingRecord | None]]]:
+        return await self.get_features(user_ids), await self.get_model_embeddings(user_ids, models)
 
     async def write_and_release(
-        self, token: str, records: Mapping[str, EmbeddingRecord], claimed: Mapping[str, int]
+        self, token: str, records: ModelRecords, claimed: Mapping[str, int]
     ) -> None:
         held = [u for u, at in claimed.items() if self._leases.get(u, ("",))[:2] == (token, at)]
-        await self.put_embeddings({u: records[u] for u in held if u in records})
+        for model, by_user in records.items():
+            await self.put_embeddings({u: by_user[u] for u in held if u in by_user}, model)
         await self.release_claim(token, held)
 
     async def mark_dirty(self, dirty_at_ms: Mapping[str, int]) -> None:

@@ -14,9 +14,13 @@ from typing import Final, Protocol
 
 from service.core.embeddings import EmbeddingRecord
 from service.core.features import FeatureState
+from service.core.model_names import DEFAULT_MODEL
 
 RECLAIM_PER_CALL: Final = 1000
 """At most this many expired leases go back to the queue per claim."""
+
+ModelRecords = Mapping[str, Mapping[str, EmbeddingRecord]]
+"""Embedding records by model name, then by user id."""
 
 
 class StoreUnavailable(RuntimeError):
@@ -53,20 +57,32 @@ class Store(Protocol):
         is returned as a conflict. Without it every state is written; returns [].
         """
 
-    async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]: ...
+    async def get_embeddings(
+        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+    ) -> list[EmbeddingRecord | None]: ...
 
-    async def put_embeddings(self, records: Mapping[str, EmbeddingRecord]) -> None: ...
+    async def get_model_embeddings(
+        self, user_ids: Sequence[str], models: Sequence[str]
+    ) -> list[list[EmbeddingRecord | None]]:
+        """Every user's record of every model, ``[model][user]``, in one round trip (per
+        node): all of a user's records share its shard's slot."""
+
+    async def put_embeddings(
+        self, records: Mapping[str, EmbeddingRecord], model: str = DEFAULT_MODEL
+    ) -> None: ...
 
     async def get_features_and_embeddings(
-        self, user_ids: Sequence[str]
-    ) -> tuple[list[FeatureState | None], list[EmbeddingRecord | None]]:
-        """Both reads of a worker batch in one round trip (per node)."""
+        self, user_ids: Sequence[str], models: Sequence[str] = (DEFAULT_MODEL,)
+    ) -> tuple[list[FeatureState | None], list[list[EmbeddingRecord | None]]]:
+        """Both reads of a worker batch in one round trip (per node): the states, and
+        the served records ``[model][user]`` of each of ``models``."""
 
     async def write_and_release(
-        self, token: str, records: Mapping[str, EmbeddingRecord], claimed: Mapping[str, int]
+        self, token: str, records: ModelRecords, claimed: Mapping[str, int]
     ) -> None:
         """End the claims ``claimed`` (user -> the dirty time it was claimed with) of
-        ``token`` and write their ``records``, in one step per shard. Only users whose
+        ``token`` and write their ``records`` (model -> user -> record), in one step per
+        shard. Only users whose
         lease that very claim still holds are touched: a claim that expired (the user
         went back to the queue, maybe to another worker and newer features) or was
         superseded by a newer claim of the same worker is left alone."""

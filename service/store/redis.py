@@ -33,11 +33,13 @@ from service.core.features import (
     encode_features,
     encoded_version,
 )
+from service.core.model_names import DEFAULT_MODEL
 from service.store.address import RedisAddress, connect
 from service.store.keys import DEFAULT_SHARDS, KeyLayout, job_key
 from service.store.protocol import (
     RECLAIM_PER_CALL,
     DirtyStats,
+    ModelRecords,
     StoreMisconfigured,
     StoreUnavailable,
 )
@@ -177,12 +179,13 @@ return 0
 
 
 # KEYS: per shard of this call its queue, leases and lease info (3n keys), then the
-# embedding key of every claimed user with a record, in order. ARGV[1] = n; then per
-# shard r, and per claimed user its id, its claim ('token:dirty_at') and its record
-# ('' = none). A record is written, and the lease ended, only while that very claim
-# still holds the lease: a claim that expired (the user went back to the queue, maybe
-# to another worker embedding newer features) or was superseded by a newer claim of
-# the same worker (the user was dirtied again meanwhile) must not overwrite.
+# embedding key of every record, in order. ARGV[1] = n; then per shard r, and per
+# claimed user its id, its claim ('token:dirty_at') and m, the number of its records
+# (one per model, m = 0 for none), followed by the m records. Records are written,
+# and the lease ended, only while that very claim still holds the lease: a claim that
+# expired (the user went back to the queue, maybe to another worker embedding newer
+# features) or was superseded by a newer claim of the same worker (the user was
+# dirtied again meanwhile) must not overwrite.
 _WRITE_AND_RELEASE_LUA: Final = """
 local n = tonumber(ARGV[1])
 local pos, key = 2, 3 * n + 1
@@ -190,21 +193,19 @@ for s = 0, n - 1 do
   local leased, info = KEYS[3 * s + 2], KEYS[3 * s + 3]
   local r = tonumber(ARGV[pos])
   pos = pos + 1
-  for i = pos, pos + 3 * r - 1, 3 do
-    local user, claim, record = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  for _ = 1, r do
+    local user, claim, m = ARGV[pos], ARGV[pos + 1], tonumber(ARGV[pos + 2])
     local ours = redis.call('HGET', info, user) == claim
     if ours then
       redis.call('ZREM', leased, user)
       redis.call('HDEL', info, user)
-    end
-    if record ~= '' then
-      if ours then
-        redis.call('SET', KEYS[key], record)
+      for j = 1, m do
+        redis.call('SET', KEYS[key + j - 1], ARGV[pos + 2 + j])
       end
-      key = key + 1
     end
+    key = key + m
+    pos = pos + 3 + m
   end
-  pos = pos + 3 * r
 end
 return 0
 """
@@ -365,17 +366,28 @@ class RedisStore:
 
     # --- embedding records -------------------------------------------------
 
-    async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
+    async def get_embeddings(
+        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+    ) -> list[EmbeddingRecord | None]:
         if not user_ids:
             return []
-        raws = await self._mget([self._layout.embedding_key(u) for u in user_ids])
-        keys = self._layout.embedding_key
-        return [embedding_or_none(raw, keys(u)) for raw, u in zip(raws, user_ids, strict=True)]
+        keys = [self._layout.embedding_key(u, model) for u in user_ids]
+        raws = await self._mget(keys)
+        return [embedding_or_none(raw, key) for raw, key in zip(raws, keys, strict=True)]
 
-    async def put_embeddings(self, records: Mapping[str, EmbeddingRecord]) -> None:
+    async def get_model_embeddings(
+        self, user_ids: Sequence[str], models: Sequence[str]
+    ) -> list[list[EmbeddingRecord | None]]:
+        _, records = await self._read(user_ids, models, with_features=False)
+        return records
+
+    async def put_embeddings(
+        self, records: Mapping[str, EmbeddingRecord], model: str = DEFAULT_MODEL
+    ) -> None:
         if not records:
             return
-        mapping = {self._layout.embedding_key(u): encode_embedding(r) for u, r in records.items()}
+        layout = self._layout
+        mapping = {layout.embedding_key(u, model): encode_embedding(r) for u, r in records.items()}
         with self._errors():
             if self._cluster is not None:
                 await self._cluster.mset_nonatomic(mapping)
@@ -383,22 +395,37 @@ class RedisStore:
                 await self._client.mset(mapping)
 
     async def get_features_and_embeddings(
-        self, user_ids: Sequence[str]
-    ) -> tuple[list[FeatureState | None], list[EmbeddingRecord | None]]:
+        self, user_ids: Sequence[str], models: Sequence[str] = (DEFAULT_MODEL,)
+    ) -> tuple[list[FeatureState | None], list[list[EmbeddingRecord | None]]]:
+        return await self._read(user_ids, models, with_features=True)
+
+    async def _read(
+        self, user_ids: Sequence[str], models: Sequence[str], *, with_features: bool
+    ) -> tuple[list[FeatureState | None], list[list[EmbeddingRecord | None]]]:
+        """One MGET of the users' states (optionally) and of their records of ``models``."""
         if not user_ids:
-            return [], []
-        layout = self._layout
-        feature_keys = [layout.feature_key(u) for u in user_ids]
-        embedding_keys = [layout.embedding_key(u) for u in user_ids]
-        raws = await self._mget([*feature_keys, *embedding_keys])
-        n = len(user_ids)
-        return (
-            [features_or_none(raw, k) for raw, k in zip(raws[:n], feature_keys, strict=True)],
-            [embedding_or_none(raw, k) for raw, k in zip(raws[n:], embedding_keys, strict=True)],
-        )
+            return [], [[] for _ in models]
+        layout, n = self._layout, len(user_ids)
+        feature_keys = [layout.feature_key(u) for u in user_ids] if with_features else []
+        record_keys = [layout.embedding_key(u, m) for m in models for u in user_ids]
+        raws = await self._mget([*feature_keys, *record_keys])
+        states = [features_or_none(raw, k) for raw, k in zip(raws, feature_keys, strict=False)]
+        start = len(feature_keys)
+        records = [
+            [
+                embedding_or_none(raw, key)
+                for raw, key in zip(
+                    raws[start + i * n : start + (i + 1) * n],
+                    record_keys[i * n : (i + 1) * n],
+                    strict=True,
+                )
+            ]
+            for i in range(len(models))
+        ]
+        return states, records
 
     async def write_and_release(
-        self, token: str, records: Mapping[str, EmbeddingRecord], claimed: Mapping[str, int]
+        self, token: str, records: ModelRecords, claimed: Mapping[str, int]
     ) -> None:
         released = self._layout.by_shard(claimed)
         calls = []
@@ -408,14 +435,15 @@ class RedisStore:
             for shard in group:
                 args.append(len(released[shard]))
                 for user_id in released[shard]:
-                    record = records.get(user_id)
-                    args += [
-                        user_id,
-                        f"{token}:{claimed[user_id]}",
-                        b"" if record is None else encode_embedding(record),
+                    mine = [
+                        (m, by_user[user_id])
+                        for m, by_user in records.items()
+                        if user_id in by_user
                     ]
-                    if record is not None:
-                        keys.append(self._layout.embedding_key(user_id))
+                    args += [user_id, f"{token}:{claimed[user_id]}", len(mine)]
+                    for model, record in mine:
+                        args.append(encode_embedding(record))
+                        keys.append(self._layout.embedding_key(user_id, model))
             calls.append(self._write_release_script(keys=keys, args=args))
         await self._all(calls)
 

@@ -1,10 +1,13 @@
-"""The embedding worker: dirty users in micro-batches -> tensors -> model -> records.
+"""The embedding worker: dirty users in micro-batches -> tensors -> models -> records.
 
 A micro-batch: lease up to B dirty users (waiting at most T ms to fill it), read
-their feature states and served records in one round trip each, assemble tensors
-with the function training uses, infer off the event loop, stabilize against the
-served records (docs/stabilization.md), write all records in one bulk write and
-release the leases. ``run`` overlaps the stages across batches: while batch k is
+their feature states and the served records of every model in one round trip,
+assemble tensors once per input schema with the function training uses, infer each
+served model off the event loop, stabilize each against its own served records
+(docs/stabilization.md), write all records in one bulk write and release the
+leases. Models are named (SUM's "a few upstream models"): one claim, one fetch and
+one assemble feed all of them; a model that fails to infer is skipped alone, its
+users' other models are still written. ``run`` overlaps the stages across batches: while batch k is
 on the device, batch k+1 is being read and batch k-1 written. Two one-slot queues
 between the stages bound memory to five batches whatever the queue depth.
 
@@ -18,7 +21,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -27,6 +30,7 @@ import numpy as np
 from service.core.clock import Clock, now_ms, sleep_unless_stopped
 from service.core.embeddings import EmbeddingDtype, EmbeddingRecord
 from service.core.features import FeatureState
+from service.core.model_names import DEFAULT_MODEL
 from service.core.stabilization import StabilizationConfig, stabilize
 from service.core.tensors import Tensors, assemble
 from service.metrics import (
@@ -88,13 +92,13 @@ class _Batch:
     """One micro-batch on its way through fetch -> compute -> write."""
 
     claimed: dict[str, int]  # user -> dirty_at_ms, all leased
-    model: ServingModel
+    models: dict[str, ServingModel]  # the models served when the batch was claimed
     now_ms: int = 0
     users: list[str] = field(default_factory=list)  # those with features, in row order
     states: list[FeatureState] = field(default_factory=list)
-    previous: list[EmbeddingRecord | None] = field(default_factory=list)
-    tensors: Tensors | None = None
-    records: dict[str, EmbeddingRecord] = field(default_factory=dict)
+    previous: dict[str, list[EmbeddingRecord | None]] = field(default_factory=dict)
+    tensors: dict[str, Tensors] = field(default_factory=dict)  # input schema digest -> tensors
+    records: dict[str, dict[str, EmbeddingRecord]] = field(default_factory=dict)  # model -> user
 
 
 class EmbeddingWorker:
@@ -103,35 +107,62 @@ class EmbeddingWorker:
     def __init__(
         self,
         store: Store,
-        model: ServingModel | ModelRuntime,
+        model: ServingModel | ModelRuntime | Mapping[str, ServingModel],
         config: WorkerConfig = WorkerConfig(),
         clock: Clock = now_ms,
     ) -> None:
         self._store = store
-        self._model = model if isinstance(model, ServingModel) else ServingModel.unaligned(model)
+        if isinstance(model, ServingModel | Mapping):
+            models = {DEFAULT_MODEL: model} if isinstance(model, ServingModel) else dict(model)
+        else:
+            models = {DEFAULT_MODEL: ServingModel.unaligned(model)}
+        self._models: dict[str, ServingModel] = {}
         self._config = config
         self._clock = clock
         self.token = uuid.uuid4().hex
         self.embedded_total = 0
         self._last_observed = 0.0
-        self._export_model_info(self._model, 1)
+        for name, serving in models.items():
+            self.swap(serving, name)
+
+    @property
+    def models(self) -> dict[str, ServingModel]:
+        """The served models by name (a copy)."""
+        return dict(self._models)
 
     @property
     def model(self) -> ServingModel:
-        return self._model
+        """The default model (or, without one, the first served)."""
+        return self._models.get(DEFAULT_MODEL) or next(iter(self._models.values()))
 
-    def swap(self, model: ServingModel) -> None:
-        """Serve ``model`` from the next batch on; batches in flight finish on the old one."""
-        old, self._model = self._model, model
-        self._export_model_info(old, 0)
+    def swap(self, model: ServingModel, name: str = DEFAULT_MODEL) -> None:
+        """Serve ``model`` as ``name`` from the next batch on (a new name adds a model);
+        batches in flight finish on the old one."""
+        old = self._models.get(name)
+        self._models = {**self._models, name: model}
+        if old is not None:
+            self._export_model_info(old, 0)
         self._export_model_info(model, 1)
         log.info(
-            "event=model_swapped from=%s to=%s space=%s provider=%s",
-            old.version,
+            "event=model_swapped model=%s from=%s to=%s space=%s provider=%s",
+            name,
+            None if old is None else old.version,
             model.version,
             model.space_version,
             model.runtime.provider,
         )
+
+    def retire(self, name: str) -> None:
+        """Stop computing ``name`` from the next batch on (its records stay readable)."""
+        models = dict(self._models)
+        old = models.pop(name, None)
+        if old is None:
+            return
+        if not models:
+            raise ValueError(f"cannot retire {name!r}: it is the only model served")
+        self._models = models
+        self._export_model_info(old, 0)
+        log.info("event=model_retired model=%s version=%s", name, old.version)
 
     @staticmethod
     def _export_model_info(model: ServingModel, value: int) -> None:
@@ -160,37 +191,60 @@ class EmbeddingWorker:
         )
 
     async def _fetch(self, claimed: dict[str, int]) -> _Batch:
-        """Features and served records of the batch (one bulk read), assembled."""
-        batch = _Batch(claimed=claimed, model=self._model)
-        user_ids = list(claimed)
+        """Features and every model's served records of the batch (one bulk read),
+        assembled once per input schema."""
+        batch = _Batch(claimed=claimed, models=self._models)
+        user_ids, names = list(claimed), list(batch.models)
         WORKER_BATCH_SIZE.observe(len(user_ids))
         with _stage("fetch"):
-            states, previous = await self._store.get_features_and_embeddings(user_ids)
-        for user_id, state, record in zip(user_ids, states, previous, strict=True):
-            if state is not None:
-                batch.users.append(user_id)
-                batch.states.append(state)
-                batch.previous.append(record)
+            states, previous = await self._store.get_features_and_embeddings(user_ids, names)
+        rows = [row for row, state in enumerate(states) if state is not None]
+        batch.users = [user_ids[row] for row in rows]
+        batch.states = [state for state in states if state is not None]
+        batch.previous = {
+            name: [records[row] for row in rows]
+            for name, records in zip(names, previous, strict=True)
+        }
         if len(batch.users) < len(user_ids):
             # Refreshes asked for by readers of users we have never seen an event for.
             WORKER_SKIPPED.labels("no_features").inc(len(user_ids) - len(batch.users))
         if batch.users:
             batch.now_ms = self._clock()
             with _stage("assemble"):
-                batch.tensors = assemble(batch.states, batch.now_ms, batch.model.runtime.schema)
+                for model in batch.models.values():
+                    schema = model.runtime.schema
+                    if schema.digest() not in batch.tensors:
+                        batch.tensors[schema.digest()] = assemble(
+                            batch.states, batch.now_ms, schema
+                        )
         return batch
 
     def _compute(self, batch: _Batch) -> None:
-        """Infer and stabilize (runs in a thread: ONNX Runtime releases the GIL)."""
-        if batch.tensors is None:
+        """Infer and stabilize every model (runs in a thread: ONNX Runtime releases the
+        GIL). A model that fails is skipped alone; if every model fails, the batch fails."""
+        if not batch.users:
             return
-        model, now = batch.model, batch.now_ms
+        failures: list[BaseException] = []
+        for name, model in batch.models.items():
+            try:
+                batch.records[name] = self._compute_model(batch, model, batch.previous[name])
+            except Exception as exc:
+                failures.append(exc)
+                WORKER_SKIPPED.labels("model_failed").inc(len(batch.users))
+                log.exception("event=worker_model_failed model=%s version=%s", name, model.version)
+        if len(failures) == len(batch.models):
+            raise failures[0]
+
+    def _compute_model(
+        self, batch: _Batch, model: ServingModel, previous: list[EmbeddingRecord | None]
+    ) -> dict[str, EmbeddingRecord]:
+        now = batch.now_ms
         with _stage("infer"):
-            fresh = model.embed(batch.tensors)
+            fresh = model.embed(batch.tensors[model.runtime.schema.digest()])
         with _stage("stabilize"):
-            served = self._stabilize(model, fresh, batch.previous, now)
+            served = self._stabilize(model, fresh, previous, now)
         vectors = served.astype(np.dtype(self._config.dtype))
-        batch.records = {
+        return {
             user_id: EmbeddingRecord(
                 vector=vectors[row],
                 model_version=model.version,
@@ -232,11 +286,13 @@ class EmbeddingWorker:
         with _stage("write"):
             await self._store.write_and_release(self.token, batch.records, batch.claimed)
         written_at = self._clock()
-        for user_id in batch.records:
+        written = {user_id for records in batch.records.values() for user_id in records}
+        for user_id in written:
             WORKER_EMBEDDING_STALENESS.observe(max(0, written_at - batch.claimed[user_id]) / 1e3)
-        WORKER_EMBEDDINGS.inc(len(batch.records))
-        self.embedded_total += len(batch.records)
-        return len(batch.records)
+        count = sum(len(records) for records in batch.records.values())
+        WORKER_EMBEDDINGS.inc(count)
+        self.embedded_total += count
+        return count
 
     async def _requeue(self, claimed: dict[str, int]) -> None:
         """Give a failed batch back with its dirty times (if this fails too, the lease

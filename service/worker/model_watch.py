@@ -17,6 +17,7 @@ from pathlib import Path
 
 from models.registry import MANIFEST_FILE, current_version
 from service.core.clock import Clock, now_ms, sleep_unless_stopped
+from service.core.model_names import DEFAULT_MODEL
 from service.metrics import WORKER_MODEL_SWAPS, WORKER_REEMBED_ENQUEUED
 from service.store.protocol import Store
 from service.worker.serving_model import ServingModel
@@ -79,22 +80,29 @@ async def reembed_active(
     stop: asyncio.Event,
     page: int = 100,
     clock: Clock = now_ms,
+    model: str = DEFAULT_MODEL,
 ) -> int:
-    """Queue active users not yet embedded by ``model_version``, most recent first,
-    at most ``rate_per_s``; only the worker that claims the job does it. Returns
-    how many users were queued."""
-    if not await store.claim_job(f"reembed:{model_version}", ttl_ms=24 * 3_600_000):
+    """Queue active users whose ``model`` record is not yet by ``model_version`` (all of
+    them for a model just added: its backfill), most recent first, at most
+    ``rate_per_s``; only the worker that claims the job does it. Returns how many
+    users were queued."""
+    job = (
+        f"reembed:{model_version}" if model == DEFAULT_MODEL else f"reembed:{model}:{model_version}"
+    )
+    if not await store.claim_job(job, ttl_ms=24 * 3_600_000):
         log.info("event=reembed_skipped version=%s reason='another worker does it'", model_version)
         return 0
     queued = start = cursor = 0
-    log.info("event=reembed_started version=%s rate=%.0f/s", model_version, rate_per_s)
+    log.info(
+        "event=reembed_started model=%s version=%s rate=%.0f/s", model, model_version, rate_per_s
+    )
     while not stop.is_set() and start < max_users:
         users, cursor = await store.active_users(cursor, min(page, max_users - start))
         if not users:
             if cursor == 0:
                 break
             continue
-        records = await store.get_embeddings(users)
+        records = await store.get_embeddings(users, model)
         now = clock()
         todo = {
             user_id: now

@@ -1,8 +1,13 @@
-"""The worker role: load CURRENT, warm up, report ready, embed, and follow the registry.
+"""The worker role: load the registry's models, warm up, report ready, embed, and
+follow the registry.
 
-Until the registry has a servable model the role waits (not ready) instead of
-exiting, so a worker started before the first model is published comes up on its
-own. Each swap queues the active users for re-embedding in the background.
+Every model the registry serves (:func:`models.registry.served_models`) is computed
+by one worker from one fetch per dirty user. Until the registry has a servable model
+the role waits (not ready) instead of exiting, so a worker started before the first
+model is published comes up on its own. The set of models follows the registry at run
+time: a new model is loaded and backfilled (its active users queued at the re-embed
+rate), a retired one stops being computed, a new version of one is hot-swapped and
+re-embedded, and a model that fails to load is refused alone while the others serve.
 """
 
 from __future__ import annotations
@@ -10,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from functools import partial
+from pathlib import Path
 
-from models.registry import RegistryError
+from models.registry import model_root, served_models
 from service.core.clock import sleep_unless_stopped
-from service.metrics import WORKER_READY
+from service.metrics import WORKER_MODEL_SWAPS, WORKER_READY
 from service.settings import Settings
 from service.store.protocol import Store
 from service.worker.embedding_worker import EmbeddingWorker, WorkerConfig
@@ -25,39 +30,75 @@ log = logging.getLogger(__name__)
 
 
 class WorkerRole:
-    """Composition of model loading, the worker, the registry watcher and re-embedding."""
+    """Composition of model loading, the worker, the registry watchers and re-embedding."""
 
     def __init__(self, settings: Settings, store: Store) -> None:
         self._settings = settings
         self._store = store
         self.ready = threading.Event()
         self.worker: EmbeddingWorker | None = None
-        self._load = partial(
-            load_serving_model,
-            settings.registry_path,
+        self._watchers: dict[str, ModelWatcher] = {}
+        self._refused: dict[str, str] = {}  # model -> the reason its last load failed
+
+    def _root(self, model: str) -> Path:
+        return model_root(self._settings.registry_path, model)
+
+    def _load(self, model: str, version: str | None = None) -> ServingModel:
+        settings = self._settings
+        return load_serving_model(
+            self._root(model),
+            version,
             precision=settings.worker_precision,
             intra_op_threads=settings.worker_intra_op_threads,
             warm_up_batches=sorted({1, settings.worker_batch_size}),
         )
 
-    async def _first_model(self, stop: asyncio.Event) -> ServingModel | None:
-        while not stop.is_set():
+    def _watcher(self, model: str, serving: ServingModel) -> ModelWatcher:
+        watcher = ModelWatcher(
+            self._root(model), serving.version, lambda version: self._load(model, version)
+        )
+        self._watchers[model] = watcher
+        return watcher
+
+    async def _load_new(self, names: list[str]) -> dict[str, ServingModel]:
+        """Load each named model; one that fails is refused alone (logged once per reason)."""
+        loaded = {}
+        for name in names:
             try:
-                return await asyncio.to_thread(self._load, None)
-            except RegistryError as exc:
-                log.warning(
-                    "event=no_servable_model retry_in_s=%.1f reason=%r",
-                    self._settings.worker_model_poll_s,
-                    str(exc),
-                )
+                loaded[name] = await asyncio.to_thread(self._load, name)
+            except Exception as exc:  # any unloadable artifact is refused, never fatal
+                if self._refused.get(name) != str(exc):
+                    self._refused[name] = str(exc)
+                    WORKER_MODEL_SWAPS.labels("refused").inc()
+                    log.error("event=model_refused model=%s reason=%r", name, str(exc))
+            else:
+                self._refused.pop(name, None)
+        return loaded
+
+    async def _first_models(self, stop: asyncio.Event) -> dict[str, ServingModel]:
+        while not stop.is_set():
+            names = served_models(self._settings.registry_path)
+            models = await self._load_new(names)
+            if models:
+                return models
+            root = self._settings.registry_path
+            log.warning(
+                "event=no_servable_model retry_in_s=%.1f reason=%r",
+                self._settings.worker_model_poll_s,
+                f"model registry {root} is empty: publish a model first"
+                if not names
+                else "every model was refused (see event=model_refused)",
+            )
             await sleep_unless_stopped(stop, self._settings.worker_model_poll_s)
-        return None
+        return {}
 
     async def run(self, stop: asyncio.Event) -> None:
-        model = await self._first_model(stop)
-        if model is None:
+        models = await self._first_models(stop)
+        if not models:
             return
-        worker = EmbeddingWorker(self._store, model, WorkerConfig.from_settings(self._settings))
+        worker = EmbeddingWorker(self._store, models, WorkerConfig.from_settings(self._settings))
+        for name, model in models.items():
+            self._watcher(name, model)
         self.worker = worker
         self.ready.set()
         WORKER_READY.set(1)
@@ -72,14 +113,38 @@ class WorkerRole:
     async def _follow_registry(
         self, worker: EmbeddingWorker, group: asyncio.TaskGroup, stop: asyncio.Event
     ) -> None:
-        watcher = ModelWatcher(self._settings.registry_path, worker.model.version, self._load)
         while not await sleep_unless_stopped(stop, self._settings.worker_model_poll_s):
-            model = await watcher.check()
-            if model is not None:
-                worker.swap(model)
-                group.create_task(self._reembed(model.version, stop))
+            await self.follow_once(worker, group, stop)
 
-    async def _reembed(self, version: str, stop: asyncio.Event) -> None:
+    async def follow_once(
+        self, worker: EmbeddingWorker, group: asyncio.TaskGroup, stop: asyncio.Event
+    ) -> None:
+        """One look at the registry: add new models, retire gone ones, swap new versions."""
+        try:
+            names = served_models(self._settings.registry_path)
+        except OSError as exc:
+            log.warning("event=registry_unreadable reason=%r", str(exc))
+            return
+        for name in [n for n in worker.models if n not in names]:
+            if len(worker.models) == 1:
+                log.error("event=retire_refused model=%s reason='the only model served'", name)
+                continue
+            worker.retire(name)
+            self._watchers.pop(name, None)
+        added = await self._load_new([n for n in names if n not in worker.models])
+        for name, model in added.items():
+            worker.swap(model, name)
+            self._watcher(name, model)
+            group.create_task(self._reembed(name, model.version, stop))
+        for name, watcher in list(self._watchers.items()):
+            if name in added:
+                continue
+            swapped = await watcher.check()
+            if swapped is not None:
+                worker.swap(swapped, name)
+                group.create_task(self._reembed(name, swapped.version, stop))
+
+    async def _reembed(self, model: str, version: str, stop: asyncio.Event) -> None:
         try:
             await reembed_active(
                 self._store,
@@ -87,6 +152,7 @@ class WorkerRole:
                 rate_per_s=self._settings.reembed_rate,
                 max_users=self._settings.active_index_size,
                 stop=stop,
+                model=model,
             )
         except Exception:
-            log.exception("event=reembed_failed version=%s", version)
+            log.exception("event=reembed_failed model=%s version=%s", model, version)

@@ -59,7 +59,7 @@ async def progress(
     store = RedisStore(url, timeout_ms=2000, shards=SHARDS)
     users = sorted(reference)
     try:
-        states, records = await store.get_features_and_embeddings(users)
+        states, (records,) = await store.get_features_and_embeddings(users)
     finally:
         await store.close()
     equal = sum(matches(s, reference[u]) for s, u in zip(states, users, strict=True))
@@ -96,7 +96,7 @@ async def not_embedded(url: str, reference: dict[str, FeatureState]) -> list[str
     """Each user without an embedding of its latest state: versions, queue and lease."""
     store = RedisStore(url, timeout_ms=2000, shards=SHARDS)
     users = sorted(reference)
-    states, records = await store.get_features_and_embeddings(users)
+    states, (records,) = await store.get_features_and_embeddings(users)
     client = RedisCluster.from_url(url.replace("redis+cluster://", "redis://").split(",")[0])
     found = []
     for user, state, record in zip(users, states, records, strict=True):

@@ -56,7 +56,7 @@ class Stored:
 async def stored(redis_url: str, users: list[str]) -> dict[str, Stored]:
     store = RedisStore(redis_url, timeout_ms=2000)
     try:
-        states, records = await store.get_features_and_embeddings(users)
+        states, (records,) = await store.get_features_and_embeddings(users)
     finally:
         await store.close()
     found = {}

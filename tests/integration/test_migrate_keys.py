@@ -138,7 +138,7 @@ async def check_v2(url: str, v1: V1) -> None:
     try:
         await store.open()
         users = sorted(v1.features)
-        states, records = await store.get_features_and_embeddings(users)
+        states, (records,) = await store.get_features_and_embeddings(users)
         for user, state, found in zip(users, states, records, strict=True):
             assert state is not None and encode_features(state) == v1.features[user], user
             if user in v1.embeddings:

@@ -9,6 +9,7 @@ import redis
 
 from service.core.embeddings import EmbeddingRecord
 from service.core.features import FeatureState, apply_events
+from service.core.model_names import DEFAULT_MODEL
 from service.store.keys import KeyLayout
 from service.store.protocol import Store, StoreUnavailable
 from service.store.redis import RedisStore
@@ -252,7 +253,7 @@ async def test_a_worker_batch_reads_both_records_and_writes_and_releases_in_one_
     users = [f"u{i}" for i in range(30)]
     await store.put_features({u: state_for(u, 2) for u in users[:20]}, dirty_at_ms=BASE_TS)
     await store.put_embeddings({u: record(i) for i, u in enumerate(users[10:25])})
-    states, records = await store.get_features_and_embeddings(users)
+    states, (records,) = await store.get_features_and_embeddings(users)
     assert [s is not None for s in states] == [True] * 20 + [False] * 10
     assert [r is not None for r in records] == [False] * 10 + [True] * 15 + [False] * 5
     claimed = dict(await store.claim_dirty(100, token="w", now_ms=1, lease_ms=10**6))
@@ -265,15 +266,53 @@ async def test_a_worker_batch_reads_both_records_and_writes_and_releases_in_one_
     await store.claim_dirty(1, token="other", now_ms=2, lease_ms=10**6)
     await store.mark_dirty({again: BASE_TS + 5})
     assert await store.claim_dirty(1, token="w", now_ms=3, lease_ms=10**6) == [(again, BASE_TS + 5)]
-    await store.write_and_release("w", fresh, claimed)  # the first claims end
+    await store.write_and_release("w", {DEFAULT_MODEL: fresh}, claimed)  # the first claims end
     stats = await store.dirty_stats()
     assert (stats.depth, stats.leased) == (0, 2)  # the other's lease and w's newer claim
-    _, written = await store.get_features_and_embeddings(list(claimed))
+    _, (written,) = await store.get_features_and_embeddings(list(claimed))
     # users whose first claim no longer holds keep what they had: w's result may be stale
     assert [r.computed_at_ms if r else None for r in written] == [
         None if u in (stolen, again) else fresh[u].computed_at_ms for u in claimed
     ]
-    await store.write_and_release("w", {again: record(7)}, {again: BASE_TS + 5})
+    await store.write_and_release("w", {DEFAULT_MODEL: {again: record(7)}}, {again: BASE_TS + 5})
     assert (await store.dirty_stats()).leased == 1
     assert (await store.get_embeddings([again]))[0] is not None
-    assert await store.get_features_and_embeddings([]) == ([], [])
+    assert await store.get_features_and_embeddings([]) == ([], [[]])
+
+
+def stamps(by_model: list[list[EmbeddingRecord | None]]) -> list[list[int | None]]:
+    return [[r.computed_at_ms if r else None for r in records] for records in by_model]
+
+
+async def test_each_model_has_its_own_record_of_a_user_read_in_one_call(store: Store) -> None:
+    users = ["a", "b", "c"]
+    await store.put_features({u: state_for(u, 2) for u in users}, dirty_at_ms=BASE_TS)
+    await store.put_embeddings({"a": record(1), "b": record(2)})
+    await store.put_embeddings({"b": record(3), "c": record(4)}, model="clicks")
+    assert stamps(await store.get_model_embeddings(users, ["clicks", DEFAULT_MODEL, "none"])) == [
+        [None, record(3).computed_at_ms, record(4).computed_at_ms],
+        [record(1).computed_at_ms, record(2).computed_at_ms, None],
+        [None, None, None],
+    ]
+    assert [r is not None for r in await store.get_embeddings(users, "clicks")] == [
+        False,
+        True,
+        True,
+    ]
+    states, by_model = await store.get_features_and_embeddings(users, ["clicks", DEFAULT_MODEL])
+    assert all(s is not None for s in states)
+    assert stamps(by_model) == stamps(
+        await store.get_model_embeddings(users, ["clicks", DEFAULT_MODEL])
+    )
+    claimed = dict(await store.claim_dirty(10, token="w", now_ms=1, lease_ms=10**6))
+    await store.write_and_release(
+        "w",
+        {DEFAULT_MODEL: {"c": record(5)}, "clicks": {"a": record(6), "c": record(7)}},
+        claimed,
+    )
+    assert (await store.dirty_stats()).leased == 0
+    after = await store.get_model_embeddings(users, [DEFAULT_MODEL, "clicks"])
+    assert stamps(after) == [
+        [record(1).computed_at_ms, record(2).computed_at_ms, record(5).computed_at_ms],
+        [record(6).computed_at_ms, record(3).computed_at_ms, record(7).computed_at_ms],
+    ]
