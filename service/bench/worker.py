@@ -127,19 +127,19 @@ def synthetic_states(users: int, events_per_user: int) -> dict[str, FeatureState
     }
 
 
-async def _load_users(store: RedisStore, states: dict[str, FeatureState]) -> None:
+async def load_users(store: RedisStore, states: dict[str, FeatureState]) -> None:
     items = list(states.items())
     for start in range(0, len(items), 2000):
         await store.put_features(dict(items[start : start + 2000]))
 
 
-async def _mark_all(store: RedisStore, users: list[str]) -> None:
+async def mark_all(store: RedisStore, users: list[str]) -> None:
     now = now_ms()
     for start in range(0, len(users), 5000):
         await store.mark_dirty(dict.fromkeys(users[start : start + 5000], now))
 
 
-async def _drain(worker: EmbeddingWorker, expected: int, pipelined: bool) -> float:
+async def drain_written(worker: EmbeddingWorker, expected: int, pipelined: bool) -> float:
     """Seconds until ``expected`` more embeddings are written."""
     target = worker.embedded_total + expected
     started = time.perf_counter()
@@ -171,10 +171,10 @@ async def _prepare(redis_url: str, model: ServingModel, states: dict[str, Featur
     """Load every user's features and give each a served record (stabilization runs)."""
     store = RedisStore(redis_url, timeout_ms=10_000)
     try:
-        await _load_users(store, states)
+        await load_users(store, states)
         warm = EmbeddingWorker(store, model, WorkerConfig(batch_size=256, max_wait_ms=0))
-        await _mark_all(store, list(states))
-        await _drain(warm, len(states), pipelined=True)
+        await mark_all(store, list(states))
+        await drain_written(warm, len(states), pipelined=True)
     finally:
         await store.close()
 
@@ -190,9 +190,9 @@ async def _measure(
             worker_config = WorkerConfig(batch_size=batch, max_wait_ms=0, idle_sleep_ms=1)
             for mode, pipelined in (("pipelined", True), ("sequential", False)):
                 worker = EmbeddingWorker(store, model, worker_config)
-                await _mark_all(store, users)
+                await mark_all(store, users)
                 before = _stage_totals()
-                elapsed = await _drain(worker, len(users), pipelined)
+                elapsed = await drain_written(worker, len(users), pipelined)
                 rows.append(WorkerBenchRow(batch, mode, len(users) / elapsed, _stage_ms(before)))
             rate = _model_only(model, list(states.values()), batch)
             rows.append(WorkerBenchRow(batch, "model only", rate, {}))
@@ -204,7 +204,7 @@ async def _measure(
 async def _mark_users(redis_url: str, users: list[str]) -> None:
     store = RedisStore(redis_url, timeout_ms=10_000)
     try:
-        await _mark_all(store, users)
+        await mark_all(store, users)
     finally:
         await store.close()
 
