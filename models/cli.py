@@ -74,12 +74,24 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     ml.add_argument("--ml-output-dim", type=int, default=64)
     ml.add_argument("--ml-dropout", type=float, default=0.2)
     ml.add_argument("--ml-cuts-per-user", type=int, default=8, help="SUM examples/user/epoch")
+    ml.add_argument(
+        "--ml-targets-per-cut",
+        type=int,
+        default=1,
+        help="SUM: rank the next K items from each cut (dense objective; 1 = next item only)",
+    )
     ml.add_argument("--ml-epochs", type=int, default=200, help="max epochs of each model")
     ml.add_argument("--ml-patience", type=int, default=5, help="epochs without better NDCG@10")
     ml.add_argument(
         "--ml-budget-min", type=float, help="stop each model after the epoch past this time"
     )
     ml.add_argument("--ml-no-sasrec", action="store_true", help="skip the SASRec baseline")
+    ml.add_argument(
+        "--ml-sasrec-from",
+        type=Path,
+        help="reuse the SASRec baseline of an earlier run's --ml-out (same split) instead of "
+        "training it again",
+    )
     out = train.add_argument_group("output")
     out.add_argument("--registry", type=Path, help="registry directory (default: settings)")
     out.add_argument(
@@ -267,11 +279,15 @@ def cmd_train_movielens(args: argparse.Namespace) -> None:
             dropout=args.ml_dropout,
         ),
         sum=SumRetrievalConfig(
-            cuts_per_user=args.ml_cuts_per_user, batch_size=args.batch_size, seed=args.seed
+            cuts_per_user=args.ml_cuts_per_user,
+            targets_per_cut=args.ml_targets_per_cut,
+            batch_size=args.batch_size,
+            seed=args.seed,
         ),
         sum_fit=fit,
         sasrec=None if args.ml_no_sasrec else SASRecConfig(seed=args.seed),
         sasrec_fit=fit,
+        sasrec_from=args.ml_sasrec_from,
         threads=args.threads,
     )
     run = run_movielens(config)

@@ -59,6 +59,9 @@ class MovieLensConfig:
     sum_fit: FitConfig = field(default_factory=FitConfig)
     sasrec: SASRecConfig | None = field(default_factory=SASRecConfig)  # None: skip it
     sasrec_fit: FitConfig = field(default_factory=FitConfig)
+    # the SASRec of an earlier run on the same split (its eval-sasrec.npz and history)
+    # instead of training it again
+    sasrec_from: Path | None = None
     threads: int = 1
 
     @property
@@ -106,7 +109,10 @@ def run_movielens(config: MovieLensConfig) -> MovieLensRun:
     seconds = {"load": time.perf_counter() - start}
     table: dict[str, dict[str, float]] = {}
     sasrec_eval = sasrec_fit = None
-    if config.sasrec is not None:
+    if config.sasrec_from is not None:
+        sasrec_eval, sasrec_fit = earlier_sasrec(config.sasrec_from, split)
+        seconds["sasrec"] = sasrec_fit.seconds  # of the earlier run
+    elif config.sasrec is not None:
         began = time.perf_counter()
         train_indptr, train_items = split.seen("train")
         model, sasrec_fit = train_sasrec(
@@ -156,6 +162,29 @@ def run_movielens(config: MovieLensConfig) -> MovieLensRun:
         sasrec_eval=sasrec_eval,
         sasrec_fit=sasrec_fit,
     )
+
+
+def earlier_sasrec(directory: Path, split: Split) -> tuple[EvalSet, FitResult]:
+    """An earlier run's SASRec: its test embeddings and validation history, checked to
+    be of the same split (users, items and held-out targets)."""
+    evaluated = EvalSet.load(directory / "eval-sasrec.npz")
+    same = held_out_eval(split, evaluated.user_embeddings, evaluated.item_embeddings)
+    if (
+        evaluated.user_ids != same.user_ids
+        or evaluated.item_ids != same.item_ids
+        or not np.array_equal(evaluated.targets, same.targets)
+    ):
+        raise ValueError(f"{directory}/eval-sasrec.npz is of another split: retrain SASRec")
+    results = json.loads((directory / "results.json").read_text())
+    history = results["history"]["sasrec"]
+    fitted = FitResult(
+        best=max(history, key=lambda row: row["valid_ndcg@10"]),
+        history=history,
+        epochs=len(history),
+        seconds=results["seconds"].get("sasrec", 0.0),
+        stopped_by=results["stopped_by"]["sasrec"],
+    )
+    return evaluated, fitted
 
 
 def publish_movielens(

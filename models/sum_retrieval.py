@@ -39,6 +39,8 @@ _ZERO_COUNTERS = np.zeros((NUM_EVENT_TYPES, NUM_HALF_LIVES), dtype=np.float32)
 @dataclass(frozen=True, slots=True)
 class SumRetrievalConfig:
     cuts_per_user: int = 8
+    targets_per_cut: int = 1  # K: the item at the cut and the K-1 after it
+    future_decay: float = 0.8  # weight of the k-th target: future_decay ** k
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -108,6 +110,26 @@ def replayed_states(split: Split, part: str, history_length: int) -> list[Featur
     return states
 
 
+def future_loss(
+    logits: Tensor, items: IntArray, starts: IntArray, ends: IntArray, config: SumRetrievalConfig
+) -> Tensor:
+    """Cross-entropy of each row's next ``targets_per_cut`` items (``items[start + k]``
+    while before ``end``, the end of its training part), the k-th weighted
+    ``future_decay ** k``, normalized by the weights present."""
+    total = logits.new_zeros(())
+    weight = logits.new_zeros(())
+    for k in range(config.targets_per_cut):
+        present = starts + k < ends
+        if not present.any():
+            break
+        rows = torch.as_tensor(np.flatnonzero(present))
+        targets = torch.as_tensor(items[starts[present] + k])
+        w = config.future_decay**k
+        total = total + w * F.cross_entropy(logits[rows], targets, reduction="sum")
+        weight = weight + w * len(rows)
+    return total / weight
+
+
 @torch.no_grad()
 def embed(tower: UserTower, tensors: Tensors, batch_size: int = 512) -> npt.NDArray[np.float32]:
     tower.eval()
@@ -152,9 +174,14 @@ def train_sum(
                 seqs.state(int(u), int(c), length)
                 for u, c in zip(user_of[batch], cuts[batch], strict=True)
             ]
-            targets = torch.as_tensor(seqs.items[seqs.indptr[user_of[batch]] + cuts[batch]])
             vectors = model.user_tower(*to_torch(dict(assemble(states, now_ms, schema))))
-            loss = F.cross_entropy(model.logits(vectors), targets)
+            loss = future_loss(
+                model.logits(vectors),
+                seqs.items,
+                seqs.indptr[user_of[batch]] + cuts[batch],
+                seqs.indptr[user_of[batch]] + train_lengths[user_of[batch]],
+                config,
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
