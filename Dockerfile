@@ -2,6 +2,7 @@
 #
 # One image for every role of userembed; the command picks it:
 #   docker run userembed:0.1.0 serve     # read API: HTTP 8000 (/healthz /readyz /metrics), gRPC 50051
+#   docker run -e USEREMBED_API_WORKERS=4 userembed:0.1.0 serve   # 4 server processes on those ports
 #   docker run userembed:0.1.0 ingest    # Kafka -> feature states; /metrics /healthz /readyz on 9400
 #   docker run userembed:0.1.0 worker    # embedding worker; /metrics /healthz /readyz on 9400
 #   docker run userembed:0.1.0 init-registry --from /opt/userembed/models   # seed an empty registry
@@ -107,10 +108,13 @@ RUN groupadd --system --gid 10001 userembed \
 COPY --from=build-cpu /opt/venv /opt/venv
 COPY ${MODEL_REGISTRY} /opt/userembed/models
 COPY deploy/docker/healthcheck.py /opt/userembed/healthcheck.py
+# USEREMBED_API_WORKERS: server processes of `serve` sharing its ports (docs/serving.md);
+# set it to the container's CPU limit (0 = every core the container may run on).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     USEREMBED_API_HOST=0.0.0.0 \
+    USEREMBED_API_WORKERS=1 \
     USEREMBED_REGISTRY_PATH=/opt/userembed/models
 USER 10001:10001
 WORKDIR /var/lib/userembed

@@ -8,8 +8,10 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -72,7 +74,37 @@ def _serve_ops(settings: Settings, ready: Callable[[], bool]) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    """HTTP and gRPC read APIs in one process, sharing one reader (refreshes, cache)."""
+    """HTTP and gRPC read APIs: one process sharing one reader (refreshes, cache), or
+    with ``api_workers`` other than 1, that many such processes sharing the ports under
+    a supervising parent (docs/serving.md)."""
+    from service.api.supervisor import resolve_workers
+
+    settings = _settings(
+        {
+            "api_host": args.host,
+            "api_port": args.port,
+            "grpc_port": args.grpc_port,
+            "api_workers": args.workers,
+        }
+    )
+    if args.worker_index is not None:  # started by the supervisor below
+        _serve_api(settings, _Worker(args.worker_index, args.parent_pid or os.getppid()))
+    elif (workers := resolve_workers(settings.api_workers)) == 1:
+        _serve_api(settings, None)
+    else:
+        _supervise_api(settings, workers, args.log_level)
+
+
+@dataclass(frozen=True)
+class _Worker:
+    """A server process of ``serve --workers N``: its slot and its supervisor's pid."""
+
+    index: int
+    parent: int
+
+
+def _serve_api(settings: Settings, worker: _Worker | None) -> None:
+    """The read APIs in this process; as a ``worker``, on ports shared with the others."""
     import gc
 
     from service.api.app import create_app
@@ -82,10 +114,6 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from service.api.reads import EmbeddingReader
     from service.api.server import EmbeddedServer, http_config, install_stop_handlers, run_loop
     from service.ingest.kafka import KafkaEventSink
-
-    settings = _settings(
-        {"api_host": args.host, "api_port": args.port, "grpc_port": args.grpc_port}
-    )
 
     async def serve() -> None:
         store = await _store(settings)
@@ -97,26 +125,46 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         config = http_config(app, settings.api_host, settings.api_port)
         config.http = JoinedWritesHttpToolsProtocol
         server = EmbeddedServer(config)
+        sockets = None if worker is None else [_shared_socket(settings)]
         stop_reads = asyncio.Event()
         refresher = asyncio.create_task(reader.run(stop_reads), name="refresh-flusher")
         grpc_server = None
         if settings.grpc_port:
             grpc_server, _ = await start_grpc_server(
-                reader, settings, settings.api_host, settings.grpc_port
+                reader,
+                settings,
+                settings.api_host,
+                settings.grpc_port,
+                reuse_port=worker is not None,
             )
 
-        def stop() -> None:
-            server.should_exit = True
+        grpc_stopping: asyncio.Task[None] | None = None
 
-        install_stop_handlers(stop)
+        def stop() -> None:
+            nonlocal grpc_stopping
+            server.should_exit = True
+            if worker is not None and grpc_server is not None and grpc_stopping is None:
+                # A worker stops accepting on both ports at once (the parent bounds the drain).
+                grace = settings.api_drain_timeout_s
+                grpc_stopping = asyncio.create_task(grpc_server.stop(grace=grace))
+
+        if worker is None:
+            install_stop_handlers(stop)
+            orphan_watch = None
+        else:
+            orphan_watch = _enter_worker(worker, stop)
         # Objects alive now (modules, the app) live forever: keep them out of the cyclic
         # collector's full passes, which otherwise show up in the read path's p99.9.
         gc.collect()
         gc.freeze()
         try:
-            await server.serve()
+            await server.serve(sockets)
         finally:
-            if grpc_server is not None:
+            if orphan_watch is not None:
+                orphan_watch.cancel()
+            if grpc_stopping is not None:
+                await grpc_stopping
+            elif grpc_server is not None:
                 await grpc_server.stop(grace=2.0)
             stop_reads.set()
             await refresher
@@ -125,6 +173,76 @@ def _cmd_serve(args: argparse.Namespace) -> None:
                 await sink.close()
 
     run_loop(serve())
+
+
+def _shared_socket(settings: Settings) -> socket.socket:
+    from service.api.worker_process import reuseport_socket
+
+    return reuseport_socket(settings.api_host, settings.api_port)
+
+
+def _enter_worker(worker: _Worker, stop: Callable[[], None]) -> asyncio.Task[None]:
+    """Signals, /metrics and liveness of a worker process; returns its orphan watch."""
+    from service.api import worker_process
+
+    worker_process.install_drain_handlers(stop)
+    worker_process.aggregate_default_registry(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    worker_process.mark_started(worker.index)
+    return asyncio.create_task(
+        worker_process.stop_when_orphaned(worker.parent, stop), name="orphan-watch"
+    )
+
+
+def _supervise_api(settings: Settings, workers: int, log_level: str | None) -> None:
+    """``serve`` as the parent of ``workers`` server processes: what would fail every
+    one of them (configuration, a taken port) fails here, once; then supervise."""
+    from service.api.supervisor import supervise
+
+    if settings.redis_url.startswith("memory://"):
+        raise SystemExit(
+            "userembed serve with more than one worker needs a shared store: set "
+            "USEREMBED_REDIS_URL=redis://... or redis+cluster://..."
+        )
+    asyncio.run(_check_store(settings))
+    port = _free_to_share(settings.api_host, settings.api_port)
+    if settings.grpc_port:
+        _free_to_share(settings.api_host, settings.grpc_port)
+    parent = os.getpid()
+    logging_args = ["--log-level", log_level] if log_level else []
+
+    def command(index: int) -> list[str]:
+        return [
+            *(sys.executable, "-m", "service.cli", *logging_args, "serve"),
+            *("--worker-index", str(index), "--parent-pid", str(parent)),
+            *("--host", settings.api_host, "--port", str(port)),
+            *("--grpc-port", str(settings.grpc_port)),
+        ]
+
+    status = supervise(
+        command,
+        workers,
+        host=settings.api_host,
+        metrics_port=settings.metrics_port,
+        drain_timeout_s=settings.api_drain_timeout_s,
+    )
+    if status:
+        raise SystemExit(status)
+
+
+async def _check_store(settings: Settings) -> None:
+    store = await _store(settings)
+    await store.close()
+
+
+def _free_to_share(host: str, port: int) -> int:
+    """``port`` (a free one for 0) if this process could bind it with SO_REUSEPORT."""
+    from service.api.worker_process import reuseport_socket
+
+    try:
+        with reuseport_socket(host, port, listen=False) as sock:
+            return int(sock.getsockname()[1])
+    except OSError as exc:
+        raise SystemExit(f"userembed: cannot bind {host}:{port}: {exc.strerror}") from None
 
 
 def _cmd_worker(args: argparse.Namespace) -> None:
@@ -205,13 +323,25 @@ def _cmd_produce(args: argparse.Namespace) -> None:
 
 
 def _cmd_publish_standin(args: argparse.Namespace) -> None:
+    from models.registry import model_root
     from models.standin import publish_standin
 
     settings = _settings({"registry_path": args.registry})
     artifact = publish_standin(
-        settings.registry_path, version=args.version, history_length=settings.history_length
+        model_root(settings.registry_path, args.model),
+        version=args.version,
+        history_length=settings.history_length,
+        output_dim=args.dim,
     )
-    print(f"published {artifact.version} to {artifact.model_path.parent}")
+    print(f"published {artifact.version} of model {args.model} to {artifact.model_path.parent}")
+
+
+def _cmd_retire_model(args: argparse.Namespace) -> None:
+    from models.registry import retire_model
+
+    settings = _settings({"registry_path": args.registry})
+    version = retire_model(settings.registry_path, args.model)
+    print(f"retired model {args.model} (it served {version}); publishing a version serves it again")
 
 
 def _cmd_init_registry(args: argparse.Namespace) -> None:
@@ -220,16 +350,17 @@ def _cmd_init_registry(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from models.default import DEFAULT_REGISTRY
-    from models.registry import current_version, install, load_artifact
+    from models.registry import current_version, install, load_artifact, model_root
 
     settings = _settings({"registry_path": args.registry})
-    existing = current_version(settings.registry_path)
+    root = model_root(settings.registry_path, args.model)
+    existing = current_version(root)
     if existing is not None and not args.force:
-        print(f"registry {settings.registry_path} already serves {existing}: nothing to do")
+        print(f"registry {root} already serves {existing}: nothing to do")
         return
     source = Path(args.source) if args.source else DEFAULT_REGISTRY
-    artifact = install(settings.registry_path, load_artifact(source))
-    print(f"installed {artifact.version} from {source} into {settings.registry_path}")
+    artifact = install(root, load_artifact(source))
+    print(f"installed {artifact.version} from {source} into {root}")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
@@ -360,6 +491,16 @@ def _cmd_bench_worker(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_bench_models(args: argparse.Namespace) -> None:
+    from service.bench.models import ModelsBenchConfig, run_models_bench
+
+    run_models_bench(
+        ModelsBenchConfig(
+            users=args.users, batch=args.batch, reads=args.reads, redis_url=args.redis_url
+        )
+    )
+
+
 def _cmd_bench_store(args: argparse.Namespace) -> None:
     from service.bench.store import StoreBenchConfig, run_store_bench
 
@@ -413,6 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 50051, 0 = off)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="server processes sharing the ports, supervised (default 1; 0 = one per usable core)",
+    )
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the parent
+    serve.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=_cmd_serve)
 
     worker = sub.add_parser("worker", help="the embedding worker against the configured store")
@@ -434,12 +582,22 @@ def build_parser() -> argparse.ArgumentParser:
     publish = sub.add_parser("publish-standin", help="publish the untrained stand-in model")
     publish.add_argument("--version", default="standin-1")
     publish.add_argument("--registry")
+    publish.add_argument("--model", default="default", help="the model to publish it as")
+    publish.add_argument("--dim", type=int, default=128, help="output dimension")
     publish.set_defaults(func=_cmd_publish_standin)
+
+    retire = sub.add_parser(
+        "retire-model", help="stop serving a model (its CURRENT becomes RETIRED)"
+    )
+    retire.add_argument("model")
+    retire.add_argument("--registry")
+    retire.set_defaults(func=_cmd_retire_model)
 
     init_registry = sub.add_parser(
         "init-registry", help="install a model into the registry if it has none (default model)"
     )
     init_registry.add_argument("--registry", help="registry to seed (default: settings)")
+    init_registry.add_argument("--model", default="default", help="the model to seed")
     init_registry.add_argument(
         "--from",
         dest="source",
@@ -512,6 +670,14 @@ def build_parser() -> argparse.ArgumentParser:
     store_bench.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     store_bench.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     store_bench.set_defaults(func=_cmd_bench_store)
+    models_bench = bench_sub.add_parser(
+        "models", help="several models: worker users/s with 1, 2, 4 models; reads of 1 vs 3"
+    )
+    models_bench.add_argument("--users", type=int, default=10_000)
+    models_bench.add_argument("--batch", type=int, default=256)
+    models_bench.add_argument("--reads", type=int, default=5_000)
+    models_bench.add_argument("--redis-url", help="existing Redis (default: a private one)")
+    models_bench.set_defaults(func=_cmd_bench_models)
 
     evaluate = sub.add_parser(
         "evaluate",
@@ -535,12 +701,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from models.registry import RegistryError
+    from service.core.model_names import InvalidModelName
+
     args = build_parser().parse_args(argv)
     _configure_logging(args.log_level or ("warning" if args.command == "evaluate" else "info"))
     try:
         args.func(args)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except (RegistryError, InvalidModelName) as exc:  # a wrong name or registry: one sentence
+        raise SystemExit(f"userembed {args.command}: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 synthetic traffic -> in-process event source -> feature updater -> store
 -> embedding worker -> read API on HTTP. Same classes as the production roles;
 only the event source and (by default) the store are the embedded implementations.
+Two models are served side by side: the committed SUM model as ``default`` and, as
+``compact``, a 32-d stand-in (untrained: it shows a second model of another
+dimension computed from the same fetch, not a second objective).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import time
 from typing import TextIO
 
 from models.default import ensure_default_model
+from models.registry import ModelArtifact, current_version, load_artifact, model_root
+from models.standin import publish_standin
 from models.world import World, WorldConfig
 from service.api.app import create_app
 from service.api.cold_start import RegistryColdStart
@@ -26,6 +31,7 @@ from service.store.connect import open_checked_store
 from service.store.protocol import Store
 from service.worker.embedding_worker import EmbeddingWorker, WorkerConfig
 from service.worker.runtime import OnnxModelRuntime
+from service.worker.serving_model import ServingModel
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +83,29 @@ async def _report(
         out.write("\n")
 
 
+COMPACT = "compact"
+
+
+def _ensure_compact_model(settings: Settings) -> ModelArtifact:
+    """The demo's second model: a 32-d stand-in, published once into the registry."""
+    root = model_root(settings.registry_path, COMPACT)
+    if current_version(root) is None:
+        return publish_standin(
+            root, version="compact-1", history_length=settings.history_length, output_dim=32
+        )
+    return load_artifact(root)
+
+
 async def run_demo(settings: Settings, *, duration_s: float | None = None) -> None:
     """Run until Ctrl-C / SIGTERM (or ``duration_s``), then stop every part cleanly."""
     artifact = ensure_default_model(settings.registry_path, settings.history_length)
     runtime = OnnxModelRuntime.from_artifact(artifact)
+    compact = OnnxModelRuntime.from_artifact(_ensure_compact_model(settings))
     store = await open_checked_store(settings)
     source = InProcessEventSource()
     updater = FeatureUpdater(store, settings.history_length)
-    worker = EmbeddingWorker(store, runtime, WorkerConfig.from_settings(settings))
+    models = {"default": ServingModel.unaligned(runtime), COMPACT: ServingModel.unaligned(compact)}
+    worker = EmbeddingWorker(store, models, WorkerConfig.from_settings(settings))
     # seed 0: the world the default model was trained on (same items and categories)
     traffic = World(WorldConfig(users=settings.demo_users, seed=0))
     app = create_app(store, settings, RegistryColdStart(settings.registry_path), event_sink=source)
@@ -112,10 +133,13 @@ async def run_demo(settings: Settings, *, duration_s: float | None = None) -> No
 
     base = f"http://{settings.api_host}:{settings.api_port}"
     print(
-        f"userembed demo: model {runtime.version} on {runtime.provider}, store "
+        f"userembed demo: models default ({runtime.version}, {runtime.output_dim}-d) and "
+        f"{COMPACT} ({compact.version}, {compact.output_dim}-d) on {runtime.provider}, store "
         f"{settings.redis_url}, {settings.demo_users} users, "
         f"{settings.demo_event_rate:.0f} events/s. Ctrl-C stops.\n"
         f"  curl -s {base}/v1/users/u42/embedding\n"
+        f"  curl -s '{base}/v1/users/u42/embedding?model={COMPACT}'\n"
+        f"  curl -s {base}/v1/models\n"
         f"  curl -s -X POST {base}/v1/embeddings:batchGet "
         f'-H \'content-type: application/json\' -d \'{{"user_ids": ["u1", "u2"]}}\'\n'
         f"  curl -s {base}/metrics",

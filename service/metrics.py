@@ -2,6 +2,11 @@
 
 Metrics are process-wide by nature (one registry per process, scraped on /metrics),
 so they live here rather than being threaded through constructors.
+
+``serve --workers N`` runs N server processes in prometheus-client's multiprocess mode
+(docs/serving.md): every gauge says how its processes' values combine
+(``multiprocess_mode``, ignored by a single process), and the ``API_WORKER_*`` metrics,
+in no registry, are exported only there, through the multiprocess collector.
 """
 
 from __future__ import annotations
@@ -47,10 +52,15 @@ INGEST_RETRIES = Counter(
     "userembed_ingest_retries_total", "Retried operations during outages", ["operation"]
 )
 INGEST_LAG = Gauge(
-    "userembed_ingest_consumer_lag_messages", "Consumer lag per partition", ["partition"]
+    "userembed_ingest_consumer_lag_messages",
+    "Consumer lag per partition",
+    ["partition"],
+    multiprocess_mode="livemax",
 )
 INGEST_LAST_COMMIT = Gauge(
-    "userembed_ingest_last_commit_timestamp_seconds", "Unix time of the last offset commit"
+    "userembed_ingest_last_commit_timestamp_seconds",
+    "Unix time of the last offset commit",
+    multiprocess_mode="max",
 )
 INGEST_REBALANCES = Counter(
     "userembed_ingest_rebalances_total", "Partition assignment changes", ["kind"]
@@ -59,6 +69,7 @@ INGEST_COMMITTED_OFFSET = Gauge(
     "userembed_ingest_committed_offset",
     "Next offset to consume per partition, as last committed (flat while a partition is stuck)",
     ["partition"],
+    multiprocess_mode="max",
 )
 INGEST_DEAD_LETTERS = Counter(
     "userembed_ingest_dead_letters_total",
@@ -78,10 +89,12 @@ INGEST_DECODER_REJECTIONS = Counter(
 INGEST_DLQ_BLOCKED = Gauge(
     "userembed_ingest_dlq_blocked",
     "1 while dead letters cannot be written: ingest retries them and consumes nothing more",
+    multiprocess_mode="livemax",
 )
 INGEST_CRASH_LOOP_PARTITIONS = Gauge(
     "userembed_ingest_crash_loop_partitions",
     "Partitions replayed one message at a time after ingest died repeatedly at one offset",
+    multiprocess_mode="livesum",
 )
 
 # --- worker ------------------------------------------------------------------
@@ -98,16 +111,27 @@ WORKER_STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=_LATENCY_BUCKETS,
 )
-WORKER_QUEUE_DEPTH = Gauge("userembed_worker_queue_depth_users", "Users in the dirty queue")
+WORKER_QUEUE_DEPTH = Gauge(
+    "userembed_worker_queue_depth_users",
+    "Users in the dirty queue",
+    multiprocess_mode="livemax",  # every process sees the one shared queue
+)
 WORKER_OLDEST_DIRTY_AGE = Gauge(
-    "userembed_worker_oldest_dirty_age_seconds", "Age of the oldest dirty user"
+    "userembed_worker_oldest_dirty_age_seconds",
+    "Age of the oldest dirty user",
+    multiprocess_mode="livemax",
 )
 WORKER_MODEL = Gauge(
     "userembed_worker_model_info",
     "Model served by this worker (1 for the current one)",
     ["version", "space", "provider", "precision"],
+    multiprocess_mode="livemax",
 )
-WORKER_LEASED = Gauge("userembed_worker_leased_users", "Users leased to workers, in flight")
+WORKER_LEASED = Gauge(
+    "userembed_worker_leased_users",
+    "Users leased to workers, in flight",
+    multiprocess_mode="livemax",  # a count in the shared store, not per process
+)
 WORKER_EMBEDDING_STALENESS = Histogram(
     "userembed_worker_embedding_staleness_seconds",
     "From a user becoming dirty to its embedding being written",
@@ -121,7 +145,11 @@ WORKER_MODEL_SWAPS = Counter(
 WORKER_REEMBED_ENQUEUED = Counter(
     "userembed_worker_reembed_enqueued_total", "Active users queued for re-embedding after a swap"
 )
-WORKER_READY = Gauge("userembed_worker_ready", "1 once the model is loaded and warmed up")
+WORKER_READY = Gauge(
+    "userembed_worker_ready",
+    "1 once the model is loaded and warmed up",
+    multiprocess_mode="livemin",
+)
 
 # --- api ---------------------------------------------------------------------
 API_REQUEST_SECONDS = Histogram(
@@ -130,7 +158,11 @@ API_REQUEST_SECONDS = Histogram(
     ["protocol", "route", "status"],
     buckets=_LATENCY_BUCKETS,
 )
-API_IN_FLIGHT = Gauge("userembed_api_in_flight_requests", "Requests being answered (HTTP + gRPC)")
+API_IN_FLIGHT = Gauge(
+    "userembed_api_in_flight_requests",
+    "Requests being answered (HTTP + gRPC)",
+    multiprocess_mode="livesum",
+)
 API_SERVED = Counter(
     "userembed_api_embeddings_served_total", "Embeddings served, by status", ["status"]
 )
@@ -151,3 +183,16 @@ API_REFRESH_DROPPED = Counter(
     ["reason"],
 )
 API_STORE_ERRORS = Counter("userembed_api_store_errors_total", "Store calls that failed")
+
+# --- api workers (serve --workers N; exported through the multiprocess collector only) --
+API_WORKER_UP = Gauge(
+    "userembed_api_worker_up",
+    "1 per live server process of serve --workers N, by pid",
+    multiprocess_mode="liveall",
+    registry=None,
+)
+API_WORKER_STARTS = Counter(
+    "userembed_api_worker_starts_total",
+    "Server processes started by serve --workers N (restarts: this minus the workers)",
+    registry=None,
+)

@@ -155,6 +155,18 @@ class Settings(BaseSettings):
     api_events_enabled: bool = Field(True, description="Serve POST /v1/events (to Kafka)")
     cold_start_404: bool = Field(False, description="404 instead of the cold-start embedding")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port of serve (0 = off)")
+    api_workers: int = Field(
+        1,
+        ge=0,
+        description="Server processes of serve sharing its HTTP and gRPC ports (SO_REUSEPORT), "
+        "supervised by a parent: 1 = one process, 0 = one per usable core (docs/serving.md)",
+    )
+    api_drain_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="serve with workers > 1: how long the parent waits on SIGTERM for its "
+        "workers to finish in-flight requests before it kills them",
+    )
     api_auth_ops: bool = Field(
         False, description="Also require API keys on /healthz, /readyz, /metrics and gRPC health"
     )

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
+from service.api.cold_start import ColdStartSource, ServedModels
 from service.api.frontend import (
     REQUEST_ID,
     KeyChecker,
@@ -45,14 +46,18 @@ from service.api.http_reads import (
     BATCH_ROUTE,
     GET_ROUTE,
     HTTP_STATUS,
+    MODELS_ROUTE,
+    ModelsResponse,
     ReadEndpoints,
     body_rules,
+    models_body,
     openapi_read_paths,
     read_route,
 )
-from service.api.reads import ColdStartSource, EmbeddingReader, ReadError, max_request_bytes
+from service.api.reads import EmbeddingReader, ReadError, max_request_bytes
 from service.core.clock import Clock, now_ms
 from service.core.events import EventSink
+from service.core.model_names import DEFAULT_MODEL
 from service.metrics import API_IN_FLIGHT
 from service.settings import Settings
 from service.store.protocol import Store, StoreUnavailable
@@ -328,7 +333,7 @@ def _protocol_rules(limits: HttpLimits) -> str:
 def create_app(
     store: Store,
     settings: Settings,
-    cold_start: ColdStartSource,
+    cold_start: ColdStartSource | ServedModels,
     *,
     event_sink: EventSink | None = None,
     clock: Clock = now_ms,
@@ -339,7 +344,8 @@ def create_app(
     Without ``reader`` one is built from ``settings`` and its background refresh
     flusher runs with the app's lifespan; a ``reader`` passed in (shared with the
     gRPC server) is run by the caller. Without ``event_sink``, POST /v1/events
-    answers 503 (intake not configured)."""
+    answers 503 (intake not configured). ``cold_start``: the served models and their
+    cold starts (a plain callable: the default model's alone)."""
     owned = reader is None
     reads_core = reader or EmbeddingReader.from_settings(store, settings, cold_start, clock)
 
@@ -442,11 +448,18 @@ def create_app(
             await store.ping()
         except StoreUnavailable as exc:
             problems.append(str(exc))
-        if cold_start() is None and not settings.cold_start_404:
+        if reads_core.models.cold_start(DEFAULT_MODEL) is None and not settings.cold_start_404:
             problems.append("no model published: cold-start embedding unavailable")
         if problems:
             return _error_response(503, "not_ready", "; ".join(problems))
         return JSONResponse({"status": "ready"})
+
+    @app.get(MODELS_ROUTE, response_model=ModelsResponse, responses={401: _ERROR_RESPONSES[401]})
+    async def list_models() -> Response:
+        """The served models (the registry's, followed at run time): version, space, dim,
+        stored dtype, input schema hash and cold-start status."""
+        body = models_body(reads_core.models, settings.embedding_dtype, settings.cold_start_404)
+        return JSONResponse(body)
 
     @app.get(
         "/metrics",

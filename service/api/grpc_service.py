@@ -21,7 +21,17 @@ from grpc_reflection.v1alpha import reflection
 
 from service.api.frontend import REQUEST_ID, KeyChecker, RouteLatency, new_request_id
 from service.api.proto.userembed.v1 import embeddings_pb2 as pb
-from service.api.reads import Answer, EmbeddingReader, ReadError, max_request_bytes, parse_pin
+from service.api.reads import (
+    DEFAULT_ONLY,
+    Answer,
+    EmbeddingReader,
+    ReadError,
+    max_request_bytes,
+    parse_model,
+    parse_models,
+    parse_pin,
+    parse_pins,
+)
 from service.core.embeddings import EmbeddingDtype
 from service.metrics import API_IN_FLIGHT
 from service.settings import Settings
@@ -31,6 +41,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME: Final = "userembed.v1.Embeddings"
 _GET: Final = f"/{SERVICE_NAME}/GetEmbedding"
 _BATCH: Final = f"/{SERVICE_NAME}/BatchGetEmbeddings"
+_MODELS: Final = f"/{SERVICE_NAME}/ListModels"
 _HEALTH_CHECK: Final = "/grpc.health.v1.Health/"
 _REFLECTION: Final = "/grpc.reflection."
 
@@ -38,10 +49,12 @@ GRPC_CODE: Final[dict[str, grpc.StatusCode]] = {
     "invalid_user_id": grpc.StatusCode.INVALID_ARGUMENT,
     "invalid_encoding": grpc.StatusCode.INVALID_ARGUMENT,
     "invalid_model_version": grpc.StatusCode.INVALID_ARGUMENT,
+    "invalid_model": grpc.StatusCode.INVALID_ARGUMENT,
     "invalid_request": grpc.StatusCode.INVALID_ARGUMENT,
     "batch_too_large": grpc.StatusCode.INVALID_ARGUMENT,
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "not_found": grpc.StatusCode.NOT_FOUND,
+    "unknown_model": grpc.StatusCode.NOT_FOUND,
     "version_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
     "store_unavailable": grpc.StatusCode.UNAVAILABLE,
     "store_misconfigured": grpc.StatusCode.UNAVAILABLE,
@@ -58,6 +71,11 @@ _DTYPE: Final[dict[int, EmbeddingDtype]] = {
     pb.ENCODING_FLOAT32: "float32",
     pb.ENCODING_FLOAT16: "float16",
 }
+_COLD_START: Final = {
+    "available": pb.COLD_START_AVAILABLE,
+    "unavailable": pb.COLD_START_UNAVAILABLE,
+    "disabled": pb.COLD_START_DISABLED,
+}
 GRPC_LATENCY: Final = RouteLatency("grpc")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -70,7 +88,10 @@ def _dtype(encoding: pb.Encoding) -> EmbeddingDtype:
     return dtype
 
 
-def to_message(answer: Answer, encoding: pb.Encoding, dtype: EmbeddingDtype) -> pb.Embedding:
+def to_message(
+    answer: Answer, encoding: pb.Encoding, dtype: EmbeddingDtype, named: bool = False
+) -> pb.Embedding:
+    """The answer as a message; with ``model`` when the request ``named`` a model."""
     message = pb.Embedding(
         user_id=answer.user_id,
         status=_STATUS[answer.status],
@@ -86,15 +107,26 @@ def to_message(answer: Answer, encoding: pb.Encoding, dtype: EmbeddingDtype) -> 
         message.feature_version = answer.feature_version
     if answer.staleness_ms is not None:
         message.staleness_ms = answer.staleness_ms
+    if named:
+        message.model = answer.model
     return message
 
 
 class EmbeddingsService:
-    """The servicer: parse, read, encode; errors become gRPC status codes."""
+    """The servicer: parse, read, encode; errors become gRPC status codes. ``dtype`` and
+    ``cold_start_disabled`` are what ListModels says of every model."""
 
-    def __init__(self, reader: EmbeddingReader, keys: KeyChecker) -> None:
+    def __init__(
+        self,
+        reader: EmbeddingReader,
+        keys: KeyChecker,
+        dtype: EmbeddingDtype = "float16",
+        cold_start_disabled: bool = False,
+    ) -> None:
         self._reader = reader
         self._keys = keys
+        self._dtype = dtype
+        self._cold_start_disabled = cold_start_disabled
 
     async def GetEmbedding(
         self, request: pb.GetEmbeddingRequest, context: grpc.aio.ServicerContext
@@ -106,20 +138,46 @@ class EmbeddingsService:
     ) -> pb.BatchGetEmbeddingsResponse:
         return await self._call(_BATCH, context, self._batch_get, request)
 
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return await self._call(_MODELS, context, self._list_models, request)
+
     async def _get(self, request: pb.GetEmbeddingRequest) -> pb.Embedding:
         dtype = _dtype(request.encoding)
-        answer = await self._reader.get(request.user_id, parse_pin(request.model_version))
-        return to_message(answer, request.encoding, dtype)
+        model = parse_model(request.model)
+        answer = await self._reader.get(request.user_id, parse_pin(request.model_version), model)
+        return to_message(answer, request.encoding, dtype, bool(request.model))
 
     async def _batch_get(
         self, request: pb.BatchGetEmbeddingsRequest
     ) -> pb.BatchGetEmbeddingsResponse:
         dtype = _dtype(request.encoding)
+        named = len(request.models) > 0
         answers = await self._reader.batch_get(
-            list(request.user_ids), parse_pin(request.model_version)
+            list(request.user_ids),
+            parse_pin(request.model_version),
+            models=parse_models(request.models) if named else DEFAULT_ONLY,
+            pins=parse_pins(request.model_versions),
         )
         return pb.BatchGetEmbeddingsResponse(
-            embeddings=[to_message(a, request.encoding, dtype) for a in answers]
+            embeddings=[to_message(a, request.encoding, dtype, named) for a in answers]
+        )
+
+    async def _list_models(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    name=state.name,
+                    version=state.version or "",
+                    space_version=state.space_version or "",
+                    dim=state.dim or 0,
+                    dtype=self._dtype,
+                    input_schema_hash=state.input_schema_hash or "",
+                    cold_start=_COLD_START[state.cold_start_status(self._cold_start_disabled)],
+                )
+                for state in self._reader.models.states()
+            ]
         )
 
     async def _call(
@@ -236,6 +294,11 @@ def _service_handler(service: EmbeddingsService) -> grpc.GenericRpcHandler:
             request_deserializer=pb.BatchGetEmbeddingsRequest.FromString,
             response_serializer=pb.BatchGetEmbeddingsResponse.SerializeToString,
         ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            service.ListModels,
+            request_deserializer=pb.ListModelsRequest.FromString,
+            response_serializer=pb.ListModelsResponse.SerializeToString,
+        ),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
@@ -250,13 +313,21 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 async def start_grpc_server(
-    reader: EmbeddingReader, settings: Settings, host: str, port: int
+    reader: EmbeddingReader, settings: Settings, host: str, port: int, *, reuse_port: bool = False
 ) -> tuple[grpc.aio.Server, int]:
-    """Start the gRPC server (read service, health, reflection); return it and its port."""
+    """Start the gRPC server (read service, health, reflection); return it and its port.
+    ``reuse_port``: share the port with the other processes of ``serve --workers N``
+    (SO_REUSEPORT; gRPC sets it by default on Linux, said here so it cannot change)."""
     keys = KeyChecker(settings.resolved_api_keys())
     interceptors = [_OpsAuth(keys)] if keys and settings.api_auth_ops else []
-    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
-    server.add_generic_rpc_handlers((_service_handler(EmbeddingsService(reader, keys)),))
+    options = server_options(settings)
+    if reuse_port:
+        options.append(("grpc.so_reuseport", 1))
+    server = grpc.aio.server(interceptors=interceptors, options=options)
+    service = EmbeddingsService(
+        reader, keys, settings.embedding_dtype, cold_start_disabled=settings.cold_start_404
+    )
+    server.add_generic_rpc_handlers((_service_handler(service),))
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     reflection.enable_server_reflection(

@@ -4,13 +4,14 @@ A few users take a large share of reads (Zipf); keeping their records for a shor
 TTL saves the Redis round trip at the price of serving a record up to ``ttl_ms``
 older than Redis has. Only found records are cached: a missing user is re-read, so
 its first embedding is served as soon as the worker writes it. Staleness is still
-computed at read time from the record's ``computed_at``.
+computed at read time from the record's ``computed_at``. The reader keys records by
+``(model, user_id)``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from itertools import islice
 
 from service.core.embeddings import EmbeddingRecord
@@ -34,11 +35,11 @@ class HotCache:
         self._ttl_ms = ttl_ms
         self._max_users = max_users
         self._now = monotonic_ms
-        self._entries: dict[str, tuple[float, EmbeddingRecord]] = {}
+        self._entries: dict[Hashable, tuple[float, EmbeddingRecord]] = {}
         self.hits = 0
         self.misses = 0
 
-    def get_many(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
+    def get_many(self, user_ids: Sequence[Hashable]) -> list[EmbeddingRecord | None]:
         """Cached records (None where absent or expired), counted as hits and misses."""
         now = self._now()
         found: list[EmbeddingRecord | None] = []
@@ -55,7 +56,7 @@ class HotCache:
         _MISS.inc(len(found) - hits)
         return found
 
-    def put_many(self, records: Sequence[tuple[str, EmbeddingRecord]]) -> None:
+    def put_many(self, records: Sequence[tuple[Hashable, EmbeddingRecord]]) -> None:
         expires = self._now() + self._ttl_ms
         entries = self._entries
         for user_id, record in records:

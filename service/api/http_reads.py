@@ -1,16 +1,18 @@
 """The read routes over HTTP, as plain ASGI handlers (no framework on the hot path),
 and their OpenAPI description.
 
-``GET /v1/users/{user_id}/embedding?encoding=&model_version=`` and
+``GET /v1/users/{user_id}/embedding?encoding=&model_version=&model=`` and
 ``POST /v1/embeddings:batchGet`` parse the request, call :class:`EmbeddingReader`
 and write the answer with orjson. The pydantic models below only describe the
 contract for the OpenAPI document (checked against live answers by the schemathesis
-test); requests are decoded with msgspec.
+test); requests are decoded with msgspec. An answer carries ``model`` when the
+request named a model (``model``, ``models``): a client that never names one gets
+exactly the answers it got before there were several models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import parse_qsl
@@ -20,32 +22,41 @@ import orjson
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope
 
+from service.api.cold_start import ColdStartStatus, ServedModels
 from service.api.http_body import read_body
 from service.api.reads import (
+    DEFAULT_ONLY,
     ENCODINGS,
     Answer,
     EmbeddingReader,
     Encoding,
     ReadError,
     parse_encoding,
+    parse_model,
+    parse_models,
     parse_pin,
+    parse_pins,
 )
 from service.core.events import USER_ID_PATTERN
 from service.core.json_depth import json_depth_problem
+from service.core.model_names import MODEL_NAME_PATTERN
 
 GET_PREFIX: Final = "/v1/users/"
 GET_SUFFIX: Final = "/embedding"
 GET_ROUTE: Final = "/v1/users/{user_id}/embedding"
 BATCH_ROUTE: Final = "/v1/embeddings:batchGet"
+MODELS_ROUTE: Final = "/v1/models"
 
 HTTP_STATUS: Final[dict[str, int]] = {
     "invalid_user_id": 400,
     "invalid_encoding": 400,
     "invalid_model_version": 400,
+    "invalid_model": 400,
     "invalid_request": 400,
     "batch_too_large": 400,
     "unauthenticated": 401,
     "not_found": 404,
+    "unknown_model": 404,
     "method_not_allowed": 405,
     "version_mismatch": 409,
     "request_too_large": 413,
@@ -56,12 +67,15 @@ _JSON_OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY
 _USER_ID_REGEX: Final = f"^{USER_ID_PATTERN.pattern}$"
 # models.registry's version names; empty = no pin (proto3's unset string)
 _VERSION_REGEX: Final = r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})?$"
+_MODEL_REGEX: Final = f"^{MODEL_NAME_PATTERN}$"
 
 
 class _BatchGetBody(msgspec.Struct):
     user_ids: list[str]
     encoding: str = "json"
     model_version: str | None = None
+    models: list[str] | None = None
+    model_versions: dict[str, str] | None = None
 
 
 _decode_batch = msgspec.json.Decoder(_BatchGetBody).decode
@@ -76,8 +90,9 @@ def read_route(path: str) -> str | None:
     return None
 
 
-def answer_dict(answer: Answer, encoding: Encoding) -> dict[str, Any]:
-    return {
+def answer_dict(answer: Answer, encoding: Encoding, named: bool = False) -> dict[str, Any]:
+    """The JSON answer; with ``model`` when the request ``named`` a model."""
+    body = {
         "user_id": answer.user_id,
         "embedding": answer.encoded(encoding),
         "dim": answer.dim,
@@ -88,6 +103,9 @@ def answer_dict(answer: Answer, encoding: Encoding) -> dict[str, Any]:
         "staleness_ms": answer.staleness_ms,
         "status": answer.status,
     }
+    if named:
+        body["model"] = answer.model
+    return body
 
 
 class ReadEndpoints:
@@ -114,34 +132,44 @@ class ReadEndpoints:
         path: str = scope["path"]
         user_id = path[len(GET_PREFIX) : len(path) - len(GET_SUFFIX)]
         encoding: Encoding = "json"
-        pin = None
+        pin = name = None
         if scope["query_string"]:
-            # blank values are dropped: ?encoding= is the default, ?model_version= any space
+            # blank values are dropped: ?encoding= is the default, ?model_version= any
+            # space, ?model= the default model
             query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
             encoding = parse_encoding(query.get("encoding", "json"))
             pin = parse_pin(query.get("model_version"))
-        answer = await self._reader.get(user_id, pin)
-        return orjson.dumps(answer_dict(answer, encoding), option=_JSON_OPTIONS)
+            name = query.get("model")
+        answer = await self._reader.get(user_id, pin, parse_model(name))
+        return orjson.dumps(answer_dict(answer, encoding, bool(name)), option=_JSON_OPTIONS)
 
     async def _batch_get(self, receive: Receive) -> bytes:
         request = parse_batch_get(await read_body(receive, self.max_body_bytes), self._max_depth)
-        answers = await self._reader.batch_get(request.user_ids, request.pin)
-        embeddings = [answer_dict(a, request.encoding) for a in answers]
+        answers = await self._reader.batch_get(
+            request.user_ids, request.pin, models=request.models, pins=request.pins
+        )
+        named = request.named
+        embeddings = [answer_dict(a, request.encoding, named) for a in answers]
         return orjson.dumps({"embeddings": embeddings}, option=_JSON_OPTIONS)
 
 
 @dataclass(slots=True)
 class BatchGet:
-    """A parsed batchGet body (its ids are checked by the reader)."""
+    """A parsed batchGet body (its ids, and whether its models are served, are checked
+    by the reader). ``named``: the body named its models (``models``)."""
 
     user_ids: list[str]
     encoding: Encoding
     pin: str | None
+    models: Sequence[str] = DEFAULT_ONLY
+    pins: dict[str, str] | None = None
+    named: bool = False
 
 
 def parse_batch_get(body: bytes, max_depth: int) -> BatchGet:
     """The batchGet body; ReadError ``invalid_request`` (not JSON, not the shape, nested
-    deeper than ``max_depth``), ``invalid_encoding`` or ``invalid_model_version``."""
+    deeper than ``max_depth``, empty or repeated models), ``invalid_encoding``,
+    ``invalid_model`` or ``invalid_model_version``."""
     problem = json_depth_problem(body, max_depth)
     if problem is not None:
         raise ReadError("invalid_request", f"invalid batchGet body: {problem}")
@@ -151,8 +179,14 @@ def parse_batch_get(body: bytes, max_depth: int) -> BatchGet:
         raise ReadError("invalid_request", f"invalid batchGet body: {exc}") from None
     except RecursionError:  # not reached under the depth bound; never a 500 if it is
         raise ReadError("invalid_request", "invalid batchGet body: nested too deep") from None
+    named = request.models is not None
     return BatchGet(
-        request.user_ids, parse_encoding(request.encoding), parse_pin(request.model_version)
+        request.user_ids,
+        parse_encoding(request.encoding),
+        parse_pin(request.model_version),
+        parse_models(request.models) if request.models is not None else DEFAULT_ONLY,
+        parse_pins(request.model_versions) if request.model_versions else None,
+        named,
     )
 
 
@@ -160,6 +194,7 @@ def parse_batch_get(body: bytes, max_depth: int) -> BatchGet:
 
 UserId = Annotated[str, Field(pattern=_USER_ID_REGEX)]
 ModelVersion = Annotated[str, Field(pattern=_VERSION_REGEX)]
+ModelName = Annotated[str, Field(pattern=_MODEL_REGEX)]
 
 
 class EmbeddingAnswer(BaseModel):
@@ -176,13 +211,26 @@ class EmbeddingAnswer(BaseModel):
     feature_version: int | None = Field(description="the feature state it was computed from")
     staleness_ms: int | None
     status: Literal["fresh", "stale", "cold_start", "not_found", "version_mismatch"]
+    model: str = Field(
+        "default", description="the model of this answer; present when the request named models"
+    )
 
 
 class BatchGetRequest(BaseModel):
     user_ids: list[UserId]
     encoding: Encoding = "json"
     model_version: ModelVersion | None = Field(
-        None, description="only serve embeddings in this space"
+        None, description="only serve embeddings in this space (a request of one model)"
+    )
+    models: list[ModelName] | None = Field(
+        None,
+        description="the models to answer, each user's answer of each model in turn "
+        "(user-major); omitted = the default model alone, answers without `model`",
+    )
+    model_versions: dict[ModelName, ModelVersion] | None = Field(
+        None,
+        description="per-model pins (model -> space) of models named in `models`; "
+        "not with model_version; an empty space is no pin",
     )
 
 
@@ -206,9 +254,10 @@ def _json(model: type[BaseModel]) -> dict[str, Any]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
-        400: "invalid user id, encoding, model_version or body; batch too large",
+        400: "invalid user id, encoding, model, model_version or body; batch too large",
         401: "missing or invalid API key (when keys are configured)",
-        404: "no embedding (cold start disabled, or not in the pinned space)",
+        404: "unknown_model: the model is not served (the message lists the served "
+        "models); not_found: no embedding (cold start disabled, or not in the pinned space)",
         409: "the stored embedding is in another space than the pinned model_version",
         413: "request body too large (by Content-Length, before it is read)",
         503: "the store did not answer in time; see Retry-After",
@@ -242,7 +291,14 @@ def openapi_read_paths(
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
-    schemas["BatchGetRequest"]["properties"]["user_ids"]["maxItems"] = max_batch
+    request = schemas["BatchGetRequest"]["properties"]
+    request["user_ids"]["maxItems"] = max_batch
+    request["models"]["anyOf"][0].update(minItems=1, uniqueItems=True)
+    request["model_versions"]["anyOf"][0] = {  # pydantic writes patternProperties: any key
+        "type": "object",
+        "propertyNames": {"pattern": _MODEL_REGEX},
+        "additionalProperties": {"type": "string", "pattern": _VERSION_REGEX},
+    }
     query = [
         {
             "name": "encoding",
@@ -260,6 +316,15 @@ def openapi_read_paths(
             "empty = omitted = any space",
             "allowEmptyValue": True,
             "schema": {"type": "string", "pattern": _VERSION_REGEX},
+        },
+        {
+            "name": "model",
+            "in": "query",
+            "required": False,
+            "description": "the model whose embedding to serve (404 unknown_model when it "
+            "is not served); empty = omitted = the default model, answered without `model`",
+            "allowEmptyValue": True,
+            "schema": {"type": "string", "pattern": f"^({MODEL_NAME_PATTERN})?$"},
         },
     ]
     paths = {
@@ -284,7 +349,7 @@ def openapi_read_paths(
         },
         BATCH_ROUTE: {
             "post": {
-                "summary": f"Up to {max_batch} users' embeddings in one store read",
+                "summary": f"Up to {max_batch} embeddings (users x models) in one store read",
                 "operationId": "batchGetEmbeddings",
                 "requestBody": {
                     "required": True,
@@ -295,9 +360,46 @@ def openapi_read_paths(
                 },
                 "responses": {
                     "200": {"description": "answers", "content": _json(BatchGetResponse)},
-                    **_errors(400, 401, 413, 503),
+                    **_errors(400, 401, 404, 413, 503),
                 },
             }
         },
     }
     return paths, schemas
+
+
+class ModelInfo(BaseModel):
+    """One served model, as the API sees the registry."""
+
+    name: str = Field(description="what `model` / `models` name ('default' when omitted)")
+    version: str | None = Field(description="the version whose cold start is loaded")
+    space_version: str | None = Field(description="the space it serves (what pins name)")
+    dim: int | None
+    dtype: Literal["float16", "float32"] = Field(description="how records are stored")
+    input_schema_hash: str | None
+    cold_start: ColdStartStatus = Field(
+        description="available; unavailable (its artifact could not be loaded: users "
+        "without a record are not_found); disabled (cold_start_404)"
+    )
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo] = Field(description="the default model first, then by name")
+
+
+def models_body(models: ServedModels, dtype: str, cold_start_disabled: bool) -> dict[str, Any]:
+    """The ``GET /v1/models`` answer."""
+    return {
+        "models": [
+            {
+                "name": state.name,
+                "version": state.version,
+                "space_version": state.space_version,
+                "dim": state.dim,
+                "dtype": dtype,
+                "input_schema_hash": state.input_schema_hash,
+                "cold_start": state.cold_start_status(cold_start_disabled),
+            }
+            for state in models.states()
+        ]
+    }

@@ -5,7 +5,9 @@ is served flagged ``stale``, a missing one gets the model's cold-start embedding
 (``cold_start``, or ``not_found`` when configured); both ask for a background
 refresh. A reader may pin the space it expects (``model_version``); a record in
 another space is not served as if it were comparable (``version_mismatch``).
-Front ends only parse requests and encode :class:`Answer` objects.
+Several models are served side by side: a read names them (the default model when
+it names none) and gets each user's answer of each model from one store read; a pin
+is per model. Front ends only parse requests and encode :class:`Answer` objects.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Final, Literal, get_args
 
 import numpy as np
@@ -22,12 +25,13 @@ import numpy.typing as npt
 
 from models.registry import RegistryError, check_version_name
 from service.api.coalescer import ReadCoalescer
-from service.api.cold_start import ColdStart
+from service.api.cold_start import ColdStartSource, ServedModels, as_served_models
 from service.api.hot_cache import HotCache
 from service.api.refresh import RefreshRequester
 from service.core.clock import Clock, now_ms
 from service.core.embeddings import EmbeddingDtype, EmbeddingRecord, packed_vector
 from service.core.events import user_id_problem
+from service.core.model_names import DEFAULT_MODEL, InvalidModelName, check_model_name
 from service.metrics import API_SERVED, API_SERVED_STALENESS, API_STORE_ERRORS
 from service.settings import Settings
 from service.store.protocol import Store, StoreMisconfigured, StoreUnavailable
@@ -37,7 +41,7 @@ log = logging.getLogger(__name__)
 Status = Literal["fresh", "stale", "cold_start", "not_found", "version_mismatch"]
 Encoding = Literal["json", "base64_float16", "base64_float32"]
 ENCODINGS: Final[tuple[str, ...]] = get_args(Encoding)
-ColdStartSource = Callable[[], ColdStart | None]
+DEFAULT_ONLY: Final[tuple[str, ...]] = (DEFAULT_MODEL,)
 
 _SERVED: Final = {status: API_SERVED.labels(status) for status in get_args(Status)}
 _STALENESS_SAMPLE: Final = 16
@@ -54,7 +58,8 @@ class ReadError(Exception):
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ is ~3x slower
 class Answer:
-    """One user's answer; ``vector`` is None for ``not_found`` and ``version_mismatch``."""
+    """One user's answer of one model; ``vector`` is None for ``not_found`` and
+    ``version_mismatch``."""
 
     user_id: str
     status: Status
@@ -64,6 +69,7 @@ class Answer:
     computed_at: int | None = None
     feature_version: int | None = None
     staleness_ms: int | None = None
+    model: str = DEFAULT_MODEL
 
     @property
     def dim(self) -> int | None:
@@ -102,6 +108,34 @@ def parse_pin(value: str | None) -> str | None:
         raise ReadError("invalid_model_version", str(exc)) from None
 
 
+def parse_model(value: str | None) -> str:
+    """A requested model; empty means the default model."""
+    return _model_name(value) if value else DEFAULT_MODEL
+
+
+def parse_models(values: Sequence[str]) -> tuple[str, ...]:
+    """The models of a batch read: at least one, each named once."""
+    if not values:
+        raise ReadError("invalid_request", "models is empty: name at least one model, or omit it")
+    models = tuple(map(_model_name, values))
+    if len(set(models)) < len(models):
+        raise ReadError("invalid_request", f"models names a model more than once: {list(models)}")
+    return models
+
+
+def parse_pins(values: Mapping[str, str]) -> dict[str, str]:
+    """Per-model pins (``model_versions``): model name -> space; an empty space is no pin."""
+    pins = {_model_name(model): parse_pin(space) for model, space in values.items()}
+    return {model: space for model, space in pins.items() if space is not None}
+
+
+def _model_name(value: str) -> str:
+    try:
+        return check_model_name(value)
+    except InvalidModelName as exc:
+        raise ReadError("invalid_model", str(exc)) from None
+
+
 def max_request_bytes(settings: Settings) -> int:
     """The largest batch read request (an HTTP body, a gRPC message): ``api_max_body_bytes``,
     and at least 512 bytes per id allowed (ids are at most 128 chars; JSON adds a few)."""
@@ -118,14 +152,17 @@ def check_user_id(user_id: str) -> str:
 class EmbeddingReader:
     """Store records -> answers, with refresh requests for missing or stale users.
 
-    Single-user reads are coalesced into one store call per event-loop turn; a batch
-    read is one store call. Every store call is bounded by ``timeout_ms``.
+    Single-user reads are coalesced into one store call per model and event-loop turn;
+    a batch read is one store call, whatever models it names. Every store call is
+    bounded by ``timeout_ms``. ``cold_start`` knows the served models and their cold
+    starts (a plain :data:`ColdStartSource` serves the default model alone); the
+    default model is always readable, a named one only while it is served.
     """
 
     def __init__(
         self,
         store: Store,
-        cold_start: ColdStartSource,
+        cold_start: ColdStartSource | ServedModels,
         refresher: RefreshRequester,
         *,
         refresh_after_ms: int,
@@ -137,7 +174,7 @@ class EmbeddingReader:
         clock: Clock = now_ms,
     ) -> None:
         self._store = store
-        self._cold_start = cold_start
+        self.models = as_served_models(cold_start)
         self.refresher = refresher
         self._refresh_after_ms = refresh_after_ms
         self._cold_start_404 = cold_start_404
@@ -146,11 +183,15 @@ class EmbeddingReader:
         self._retry_after_s = retry_after_s
         self.cache = cache
         self._clock = clock
-        self._single = ReadCoalescer(self._fetch)
+        self._single: dict[str, ReadCoalescer[EmbeddingRecord | None]] = {}
 
     @classmethod
     def from_settings(
-        cls, store: Store, settings: Settings, cold_start: ColdStartSource, clock: Clock = now_ms
+        cls,
+        store: Store,
+        settings: Settings,
+        cold_start: ColdStartSource | ServedModels,
+        clock: Clock = now_ms,
     ) -> EmbeddingReader:
         refresher = RefreshRequester(
             store,
@@ -180,73 +221,127 @@ class EmbeddingReader:
         """Background work of the read path: flushing refresh requests until ``stop``."""
         await self.refresher.run(stop)
 
-    async def get(self, user_id: str, pin: str | None = None) -> Answer:
-        """One user's answer; raise :class:`ReadError` when there is nothing to serve."""
+    async def get(self, user_id: str, pin: str | None = None, model: str = DEFAULT_MODEL) -> Answer:
+        """One user's answer of ``model``; raise :class:`ReadError` when there is nothing
+        to serve."""
         check_user_id(user_id)
-        record = self.cache.get_many([user_id])[0] if self.cache is not None else None
+        self._check_served((model,))
+        key = (model, user_id)
+        record = self.cache.get_many([key])[0] if self.cache is not None else None
         if record is None:
-            record = await self._single.get(user_id)
+            record = await self._coalescer(model).get(user_id)
             if self.cache is not None and record is not None:
-                self.cache.put_many([(user_id, record)])
+                self.cache.put_many([(key, record)])
         refresh: list[str] = []
-        answer = self._answer(user_id, record, self._clock(), pin, refresh)
+        answer = self._answer(user_id, model, record, self._clock(), pin, refresh)
         if refresh:
             self.refresher.request(refresh)
         _count((answer,))
         if answer.status == "not_found":
             space = f" in space {pin!r}" if pin else ""
             raise ReadError(
-                "not_found", f"no embedding of {user_id!r}{space} yet; a refresh was requested"
+                "not_found",
+                f"no {_embedding(model)} of {user_id!r}{space} yet; a refresh was requested",
             )
         if answer.status == "version_mismatch":
             raise ReadError(
                 "version_mismatch",
-                f"the embedding of {user_id!r} is in space {answer.space_version!r} "
+                f"the {_embedding(model)} of {user_id!r} is in space {answer.space_version!r} "
                 f"(model {answer.model_version!r}), not the requested {pin!r}",
             )
         return answer
 
-    async def batch_get(self, user_ids: Sequence[str], pin: str | None = None) -> list[Answer]:
-        """Answers in request order; users with nothing to serve get a status, not an error."""
-        if len(user_ids) > self.max_batch:
+    async def batch_get(
+        self,
+        user_ids: Sequence[str],
+        pin: str | None = None,
+        *,
+        models: Sequence[str] = DEFAULT_ONLY,
+        pins: Mapping[str, str] | None = None,
+    ) -> list[Answer]:
+        """Answers in request order, user-major (each user's answer of each of ``models``
+        in turn); users with nothing to serve get a status, not an error. ``pin`` pins
+        the space of a single model, ``pins`` the space of each model it names."""
+        self._check_served([*models, *(pins or ())])
+        spaces = _model_pins(models, pin, pins or {})
+        if len(user_ids) * len(models) > self.max_batch:
             raise ReadError(
-                "batch_too_large",
-                f"{len(user_ids)} user_ids requested; at most {self.max_batch} per call",
+                "batch_too_large", _too_many(len(user_ids), len(models), self.max_batch)
             )
         for user_id in user_ids:
             check_user_id(user_id)
-        records = await self._records(user_ids)
+        records = await self._records(user_ids, models)
         now = self._clock()
         refresh: list[str] = []
         answers = [
-            self._answer(u, r, now, pin, refresh) for u, r in zip(user_ids, records, strict=True)
+            self._answer(user_id, model, record, now, space, refresh)
+            for user_id, row in zip(user_ids, zip(*records, strict=True), strict=True)
+            for model, space, record in zip(models, spaces, row, strict=True)
         ]
         if refresh:
             self.refresher.request(refresh)
         _count(answers)
         return answers
 
-    async def _records(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
+    def _check_served(self, models: Iterable[str]) -> None:
+        """ReadError ``unknown_model`` for a named model that is not served (the default
+        model is always readable, without a look at the registry)."""
+        named = [model for model in models if model != DEFAULT_MODEL]
+        if not named:
+            return
+        served = self.models.served()
+        for model in named:
+            if model not in served:
+                raise ReadError(
+                    "unknown_model",
+                    f"model {model!r} is not served; served models: {', '.join(served) or 'none'}",
+                )
+
+    def _coalescer(self, model: str) -> ReadCoalescer[EmbeddingRecord | None]:
+        """The single-read coalescer of ``model`` (one per served model, made on first use)."""
+        coalescer = self._single.get(model)
+        if coalescer is None:
+            coalescer = self._single[model] = ReadCoalescer(partial(self._fetch_model, model))
+        return coalescer
+
+    async def _records(
+        self, user_ids: Sequence[str], models: Sequence[str]
+    ) -> list[list[EmbeddingRecord | None]]:
+        """The records ``[model][user]``: cached ones, and the rest in one store call (a
+        user missing from the cache in any model is read in every model)."""
         if self.cache is None:
-            return await self._fetch(user_ids)
-        records = self.cache.get_many(user_ids)
-        missing = [i for i, r in enumerate(records) if r is None]
+            return await self._fetch(user_ids, models)
+        cache = self.cache
+        records = [cache.get_many([(model, u) for u in user_ids]) for model in models]
+        missing = [i for i in range(len(user_ids)) if any(r[i] is None for r in records)]
         if missing:
-            fetched = await self._fetch([user_ids[i] for i in missing])
-            found = []
-            for i, record in zip(missing, fetched, strict=True):
-                records[i] = record
-                if record is not None:
-                    found.append((user_ids[i], record))
-            self.cache.put_many(found)
+            fetched = await self._fetch([user_ids[i] for i in missing], models)
+            found: list[tuple[Hashable, EmbeddingRecord]] = []
+            for model, cached, read in zip(models, records, fetched, strict=True):
+                for i, record in zip(missing, read, strict=True):
+                    cached[i] = record
+                    if record is not None:
+                        found.append(((model, user_ids[i]), record))
+            cache.put_many(found)
         return records
 
-    async def _fetch(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
-        """One bounded store call: a slow or absent store is a ``store_unavailable``
-        ReadError (one per failed call, shared by the coalesced callers), never a hang."""
+    async def _fetch_model(
+        self, model: str, user_ids: Sequence[str]
+    ) -> list[EmbeddingRecord | None]:
+        (records,) = await self._fetch(user_ids, (model,))
+        return records
+
+    async def _fetch(
+        self, user_ids: Sequence[str], models: Sequence[str]
+    ) -> list[list[EmbeddingRecord | None]]:
+        """One bounded store call for ``[model][user]`` records: a slow or absent store is
+        a ``store_unavailable`` ReadError (one per failed call, shared by the coalesced
+        callers), never a hang."""
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await self._store.get_embeddings(user_ids)
+                if len(models) == 1:
+                    return [await self._store.get_embeddings(user_ids, models[0])]
+                return await self._store.get_model_embeddings(user_ids, models)
         except StoreMisconfigured as exc:
             API_STORE_ERRORS.inc()
             raise ReadError("store_misconfigured", str(exc), self._retry_after_s) from None
@@ -264,12 +359,14 @@ class EmbeddingReader:
     def _answer(
         self,
         user_id: str,
+        model: str,
         record: EmbeddingRecord | None,
         now: int,
         pin: str | None,
         refresh: list[str],
     ) -> Answer:
-        """The answer for one user; users to refresh (missing or stale) go to ``refresh``."""
+        """The answer for one user and model; users to refresh (missing or stale) go to
+        ``refresh`` (a refresh recomputes every model of the user)."""
         if record is not None:
             staleness = record.staleness_ms(now)
             status: Status = "fresh" if staleness <= self._refresh_after_ms else "stale"
@@ -286,12 +383,54 @@ class EmbeddingReader:
                 record.computed_at_ms,
                 record.feature_version,
                 staleness,
+                model,
             )
         refresh.append(user_id)
-        cold = None if self._cold_start_404 else self._cold_start()
+        cold = None if self._cold_start_404 else self.models.cold_start(model)
         if cold is None or (pin is not None and cold.space_version != pin):
-            return Answer(user_id, "not_found", None, None, None)
-        return Answer(user_id, "cold_start", cold.vector, cold.model_version, cold.space_version)
+            return Answer(user_id, "not_found", None, None, None, model=model)
+        return Answer(
+            user_id, "cold_start", cold.vector, cold.model_version, cold.space_version, model=model
+        )
+
+
+def _model_pins(
+    models: Sequence[str], pin: str | None, pins: Mapping[str, str]
+) -> list[str | None]:
+    """The pinned space of each of ``models``: from ``pins`` (per model), or ``pin``
+    (the space of a single model)."""
+    if not pins:
+        if pin is not None and len(models) > 1:
+            raise ReadError(
+                "invalid_request",
+                f"model_version pins the space of one model, not of {len(models)}: "
+                "pin each model in model_versions",
+            )
+        return [pin] * len(models)
+    if pin is not None:
+        raise ReadError(
+            "invalid_request", "both model_version and model_versions given: use model_versions"
+        )
+    for model in pins:
+        if model not in models:
+            raise ReadError(
+                "invalid_request", f"model_versions pins {model!r}, which models does not name"
+            )
+    return [pins.get(model) for model in models]
+
+
+def _too_many(users: int, models: int, limit: int) -> str:
+    if models == 1:
+        return f"{users} user_ids requested; at most {limit} per call"
+    return (
+        f"{users} user_ids x {models} models = {users * models} embeddings requested; "
+        f"at most {limit} per call"
+    )
+
+
+def _embedding(model: str) -> str:
+    """The noun of error messages: "embedding", or "'clicks' embedding" for a named model."""
+    return "embedding" if model == DEFAULT_MODEL else f"{model!r} embedding"
 
 
 def _count(answers: Sequence[Answer]) -> None:

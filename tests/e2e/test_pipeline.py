@@ -116,10 +116,23 @@ def test_demo_serves_embeddings_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> N
             lambda: (b := httpx.get(url).json())["status"] == "fresh" and b, 60, "u0 to be fresh"
         )
         assert served["dim"] == 128 and served["model_version"] == "sum-default-1"
+        compact = wait_for(
+            lambda: (b := httpx.get(f"{url}?model=compact").json())["status"] == "fresh" and b,
+            60,
+            "u0's second model to be fresh",
+        )
+        assert (compact["dim"], compact["model_version"], compact["model"]) == (
+            32,
+            "compact-1",
+            "compact",
+        )
+        listed = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["models"]
+        assert [(m["name"], m["dim"]) for m in listed] == [("default", 128), ("compact", 32)]
         os.killpg(demo.pid, signal.SIGINT)
         demo.wait(timeout=20)
         output = demo.output()
     assert demo.returncode == 0, output
     assert f"curl -s http://127.0.0.1:{port}/v1/users/u42/embedding" in output
+    assert f"curl -s 'http://127.0.0.1:{port}/v1/users/u42/embedding?model=compact'" in output
     assert "embeddings/s=" in output and "queue=" in output
     assert "stopped cleanly" in output

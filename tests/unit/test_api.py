@@ -356,8 +356,10 @@ def test_openapi_documents_the_read_routes(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     get = schema["paths"]["/v1/users/{user_id}/embedding"]["get"]
     batch = schema["paths"]["/v1/embeddings:batchGet"]["post"]
-    assert {p["name"] for p in get["parameters"]} == {"user_id", "encoding", "model_version"}
+    names = {p["name"] for p in get["parameters"]}
+    assert names == {"user_id", "encoding", "model_version", "model"}
     assert set(get["responses"]) == {"200", "400", "401", "404", "409", "503"}
+    assert set(batch["responses"]) == {"200", "400", "401", "404", "413", "503"}
     assert batch["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/BatchGetRequest"
     )

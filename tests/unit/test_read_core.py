@@ -22,10 +22,14 @@ from service.api.reads import (
     check_user_id,
     max_request_bytes,
     parse_encoding,
+    parse_model,
+    parse_models,
     parse_pin,
+    parse_pins,
 )
 from service.api.refresh import RefreshRequester
 from service.core.embeddings import EmbeddingRecord
+from service.core.model_names import DEFAULT_MODEL
 from service.settings import Settings
 from service.store.memory import MemoryStore
 from service.store.protocol import StoreMisconfigured, StoreUnavailable
@@ -104,7 +108,9 @@ async def test_reader_serves_hot_users_from_the_cache() -> None:
 
 async def test_a_store_that_does_not_answer_is_a_read_error_not_a_hang() -> None:
     class StuckStore(MemoryStore):
-        async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
+        async def get_embeddings(
+            self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+        ) -> list[EmbeddingRecord | None]:
             await asyncio.Event().wait()
             raise AssertionError("unreachable")
 
@@ -313,7 +319,9 @@ async def test_store_failures_are_read_errors_with_a_retry_after(
     error: Exception, code: str, message: str
 ) -> None:
     class FailingStore(MemoryStore):
-        async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
+        async def get_embeddings(
+            self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+        ) -> list[EmbeddingRecord | None]:
             raise error
 
     reader = reader_for(FailingStore(), Refreshes(), retry_after_s=7)
@@ -383,7 +391,9 @@ async def test_the_reader_from_settings_uses_every_setting() -> None:
     assert reader.refresher.request(["b"]) == 1
 
     class FailingStore(MemoryStore):
-        async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
+        async def get_embeddings(
+            self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+        ) -> list[EmbeddingRecord | None]:
             raise TimeoutError
 
     failing = EmbeddingReader.from_settings(FailingStore(), settings, lambda: None)
@@ -402,7 +412,9 @@ async def test_the_reader_from_settings_uses_every_setting() -> None:
 
 async def test_the_default_bounds_of_a_reader() -> None:
     class TimingOut(MemoryStore):
-        async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
+        async def get_embeddings(
+            self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+        ) -> list[EmbeddingRecord | None]:
             raise TimeoutError
 
     reader = EmbeddingReader(TimingOut(), lambda: None, Refreshes(), refresh_after_ms=1)  # type: ignore[arg-type]
@@ -464,10 +476,347 @@ def test_answers_encode_their_vector_for_each_wire_form() -> None:
 
 async def test_a_store_answering_too_few_records_is_an_error_not_a_short_answer() -> None:
     class ShortStore(MemoryStore):
-        async def get_embeddings(self, user_ids: Sequence[str]) -> list[EmbeddingRecord | None]:
-            return (await super().get_embeddings(user_ids))[:-1]
+        async def get_embeddings(
+            self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+        ) -> list[EmbeddingRecord | None]:
+            return (await super().get_embeddings(user_ids, model))[:-1]
 
     for cache in (None, HotCache(ttl_ms=60_000, max_users=10)):
         reader = reader_for(ShortStore(), Refreshes(), cache=cache)
         with pytest.raises(ValueError, match="zip"):
             await reader.batch_get(["u1", "u2"])
+
+
+# -- several models --------------------------------------------------------------------
+
+CLICKS_COLD = ColdStart(np.array([1.0, 2.0, 3.0], dtype=np.float32), "c2", "c1")
+
+
+class Models:
+    """Served models with a cold start each; counts how often the served set is read."""
+
+    def __init__(
+        self,
+        served: Sequence[str] = ("default", "clicks"),
+        colds: dict[str, ColdStart] | None = None,
+    ) -> None:
+        self._served = tuple(served)
+        self._colds = {"default": COLD, "clicks": CLICKS_COLD} if colds is None else colds
+        self.served_calls = 0
+
+    def served(self) -> Sequence[str]:
+        self.served_calls += 1
+        return self._served
+
+    def cold_start(self, model: str) -> ColdStart | None:
+        return self._colds.get(model)
+
+    def states(self) -> list[Any]:
+        return []
+
+
+class RecordingStore(MemoryStore):
+    """Records every embedding read: (method, user ids, model or models)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[str, list[str], Any]] = []
+
+    async def get_embeddings(
+        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+    ) -> list[EmbeddingRecord | None]:
+        self.reads.append(("one", list(user_ids), model))
+        return await super().get_embeddings(user_ids, model)
+
+    async def get_model_embeddings(
+        self, user_ids: Sequence[str], models: Sequence[str]
+    ) -> list[list[EmbeddingRecord | None]]:
+        self.reads.append(("many", list(user_ids), list(models)))
+        return [await MemoryStore.get_embeddings(self, user_ids, m) for m in models]
+
+
+def clicks_record(space: str = "c1", at: int = BASE_TS) -> EmbeddingRecord:
+    return EmbeddingRecord(np.full(3, 0.25, dtype=np.float16), "c1", space, at, 2)
+
+
+def models_reader(store: MemoryStore, refreshes: Refreshes, **options: Any) -> EmbeddingReader:
+    models = options.pop("models", None) or Models()
+    return EmbeddingReader(
+        store,
+        models,
+        refreshes,  # type: ignore[arg-type]  # duck-typed RefreshRequester
+        **{"refresh_after_ms": REFRESH_AFTER_MS, "clock": lambda: BASE_TS, **options},
+    )
+
+
+def test_model_request_parsing() -> None:
+    assert parse_model(None) == "default" and parse_model("") == "default"
+    assert parse_model("clicks-2_b") == "clicks-2_b"
+    with pytest.raises(ReadError) as bad:
+        parse_model("no.dots")
+    assert (bad.value.code, bad.value.message) == (
+        "invalid_model",
+        "invalid model name 'no.dots': letters, digits, '_' and '-', up to 32 characters, "
+        "starting with a letter or digit",
+    )
+    assert parse_models(["clicks", "default"]) == ("clicks", "default")
+    with pytest.raises(ReadError) as empty:
+        parse_models([])
+    assert (empty.value.code, empty.value.message) == (
+        "invalid_request",
+        "models is empty: name at least one model, or omit it",
+    )
+    with pytest.raises(ReadError) as twice:
+        parse_models(["clicks", "default", "clicks"])
+    assert (twice.value.code, twice.value.message) == (
+        "invalid_request",
+        "models names a model more than once: ['clicks', 'default', 'clicks']",
+    )
+    with pytest.raises(ReadError) as blank:
+        parse_models(["clicks", ""])  # in a list, "" is no name (not the default model)
+    assert blank.value.code == "invalid_model"
+    assert blank.value.message.startswith("invalid model name ''")
+    assert parse_pins({"clicks": "c-1.2", "default": ""}) == {"clicks": "c-1.2"}
+    assert parse_pins({}) == {}
+    for pins, code in (
+        ({"no way": "v1"}, "invalid_model"),
+        ({"x": "no way"}, "invalid_model_version"),
+    ):
+        with pytest.raises(ReadError) as wrong:
+            parse_pins(pins)
+        assert wrong.value.code == code
+
+
+async def test_a_named_model_is_read_from_its_own_records() -> None:
+    store, refreshes = RecordingStore(), Refreshes()
+    await store.put_embeddings({"u1": record()})
+    await store.put_embeddings({"u1": clicks_record(at=BASE_TS - 5)}, "clicks")
+    reader = models_reader(store, refreshes)
+    default = await reader.get("u1")
+    clicks = await reader.get("u1", model="clicks")
+    assert (default.model, default.space_version, default.dim) == ("default", "m1", 4)
+    assert (clicks.user_id, clicks.status, clicks.model) == ("u1", "fresh", "clicks")
+    assert (clicks.model_version, clicks.space_version, clicks.dim) == ("c1", "c1", 3)
+    assert (clicks.computed_at, clicks.feature_version, clicks.staleness_ms) == (BASE_TS - 5, 2, 5)
+    assert store.reads == [("one", ["u1"], "default"), ("one", ["u1"], "clicks")]
+    assert refreshes.requested == []
+
+
+async def test_concurrent_single_reads_share_one_store_read_per_model() -> None:
+    store = RecordingStore()
+    reader = models_reader(store, Refreshes())
+    reads = (
+        reader.get("u1"),
+        reader.get("u1", model="clicks"),
+        reader.get("u2"),
+        reader.get("u3", model="clicks"),
+    )
+    answers = await asyncio.gather(*reads)
+    assert [(a.user_id, a.model, a.status) for a in answers] == [
+        ("u1", "default", "cold_start"),
+        ("u1", "clicks", "cold_start"),
+        ("u2", "default", "cold_start"),
+        ("u3", "clicks", "cold_start"),
+    ]
+    assert store.reads == [("one", ["u1", "u2"], "default"), ("one", ["u1", "u3"], "clicks")]
+    await asyncio.gather(reader.get("u4", model="clicks"), reader.get("u5", model="clicks"))
+    assert store.reads[2:] == [("one", ["u4", "u5"], "clicks")]
+
+
+async def test_each_model_has_its_cold_start_and_its_messages() -> None:
+    store, refreshes = MemoryStore(), Refreshes()
+    await store.put_embeddings({"u1": clicks_record(space="c0")}, "clicks")
+    reader = models_reader(store, refreshes)
+    cold = await reader.get("u9", model="clicks")
+    assert (cold.status, cold.model, cold.model_version, cold.space_version) == (
+        "cold_start",
+        "clicks",
+        "c2",
+        "c1",
+    )
+    assert cold.vector is not None and cold.vector.tolist() == [1.0, 2.0, 3.0]
+    assert (await reader.get("u9", pin="c1", model="clicks")).status == "cold_start"
+    with pytest.raises(ReadError) as missing:
+        await reader.get("u9", pin="c2", model="clicks")
+    assert (missing.value.code, missing.value.message) == (
+        "not_found",
+        "no 'clicks' embedding of 'u9' in space 'c2' yet; a refresh was requested",
+    )
+    with pytest.raises(ReadError) as mismatch:
+        await reader.get("u1", pin="c1", model="clicks")
+    assert (mismatch.value.code, mismatch.value.message) == (
+        "version_mismatch",
+        "the 'clicks' embedding of 'u1' is in space 'c0' (model 'c1'), not the requested 'c1'",
+    )
+    strict = models_reader(store, Refreshes(), cold_start_404=True)
+    with pytest.raises(ReadError) as none:
+        await strict.get("u9", model="clicks")
+    assert none.value.message == "no 'clicks' embedding of 'u9' yet; a refresh was requested"
+    (not_found,) = await strict.batch_get(["u9"], models=["clicks"])
+    assert (not_found.status, not_found.model, not_found.vector) == ("not_found", "clicks", None)
+    assert refreshes.requested == [["u9"]] * 3
+
+
+async def test_an_unknown_model_is_refused_with_the_served_ones() -> None:
+    store = RecordingStore()
+    reader = models_reader(store, Refreshes())
+    for read in (
+        reader.get("u1", model="nope"),
+        reader.batch_get(["u1"], models=["default", "nope"]),
+        reader.batch_get(["u1"], pins={"nope": "v1"}),  # a pin names a model too
+        reader.batch_get([f"u{i}" for i in range(2000)], models=["nope"]),  # before the size
+    ):
+        with pytest.raises(ReadError) as caught:
+            await read
+        assert (caught.value.code, caught.value.message) == (
+            "unknown_model",
+            "model 'nope' is not served; served models: default, clicks",
+        )
+    nothing = models_reader(store, Refreshes(), models=Models(served=()))
+    with pytest.raises(ReadError) as none:
+        await nothing.get("u1", model="clicks")
+    assert none.value.message == "model 'clicks' is not served; served models: none"
+    # the default model is always readable, without a look at the served models
+    models = Models(served=())
+    unlisted = models_reader(store, Refreshes(), models=models)
+    assert (await unlisted.get("u1")).status == "cold_start"
+    assert [a.model for a in await unlisted.batch_get(["u1"], models=["default"])] == ["default"]
+    assert models.served_calls == 0
+    assert store.reads == [("one", ["u1"], "default")] * 2
+
+
+async def test_a_batch_of_several_models_is_user_major_from_one_store_read() -> None:
+    store, refreshes = RecordingStore(), Refreshes()
+    await store.put_embeddings({"u1": record(), "u2": record(at=BASE_TS - 10**6)})
+    await store.put_embeddings({"u2": clicks_record(), "u3": clicks_record()}, "clicks")
+    reader = models_reader(store, refreshes)
+    answers = await reader.batch_get(["u1", "u2", "u3"], models=["clicks", "default"])
+    assert [(a.user_id, a.model, a.status) for a in answers] == [
+        ("u1", "clicks", "cold_start"),
+        ("u1", "default", "fresh"),
+        ("u2", "clicks", "fresh"),
+        ("u2", "default", "stale"),
+        ("u3", "clicks", "fresh"),
+        ("u3", "default", "cold_start"),
+    ]
+    assert [a.model_version for a in answers] == ["c2", "m1", "c1", "m1", "c1", "m2"]
+    assert [a.dim for a in answers] == [3, 4, 3, 4, 3, 2]
+    assert store.reads == [("many", ["u1", "u2", "u3"], ["clicks", "default"])]
+    assert refreshes.requested == [["u1", "u2", "u3"]]  # per user, whatever the model
+    (only,) = await reader.batch_get(["u2"], models=["clicks"])
+    assert (only.model, only.status) == ("clicks", "fresh")
+    assert [a.model for a in await reader.batch_get(["u2"])] == ["default"]
+    assert store.reads[1:] == [("one", ["u2"], "clicks"), ("one", ["u2"], "default")]
+    assert await reader.batch_get([], models=["clicks", "default"]) == []
+
+
+async def test_pins_are_per_model() -> None:
+    store = MemoryStore()
+    await store.put_embeddings({"u1": record(space="m1")})
+    await store.put_embeddings({"u1": clicks_record(space="c1")}, "clicks")
+    reader = models_reader(store, Refreshes())
+    both = ["default", "clicks"]
+
+    async def statuses(**request: Any) -> list[str]:
+        return [a.status for a in await reader.batch_get(["u1"], **request)]
+
+    assert await statuses(models=both) == ["fresh", "fresh"]
+    assert await statuses(models=both, pins={"clicks": "c9"}) == ["fresh", "version_mismatch"]
+    assert await statuses(models=both, pins={"default": "m9", "clicks": "c1"}) == [
+        "version_mismatch",
+        "fresh",
+    ]
+    assert await statuses(models=both, pins={}) == ["fresh", "fresh"]
+    assert await statuses(models=["clicks"], pin="c9") == ["version_mismatch"]
+    assert await statuses(models=["clicks"], pins={"clicks": "c9"}) == ["version_mismatch"]
+    assert await statuses(pin="m1") == ["fresh"]
+    refused = [
+        (
+            {"models": both, "pin": "m1"},
+            "model_version pins the space of one model, not of 2: pin each model in model_versions",
+        ),
+        (
+            {"models": ["clicks"], "pin": "c1", "pins": {"clicks": "c1"}},
+            "both model_version and model_versions given: use model_versions",
+        ),
+        (
+            {"models": ["clicks"], "pins": {"clicks": "c1", "default": "m1"}},
+            "model_versions pins 'default', which models does not name",
+        ),
+    ]
+    for request, message in refused:
+        with pytest.raises(ReadError) as caught:
+            await reader.batch_get(["u1"], **request)
+        assert (caught.value.code, caught.value.message) == ("invalid_request", message)
+
+
+async def test_a_batch_counts_answers_against_the_limit() -> None:
+    reader = models_reader(MemoryStore(), Refreshes(), max_batch=5)
+    assert len(await reader.batch_get(["a", "b"], models=["default", "clicks"])) == 4
+    assert len(await reader.batch_get(list("abcde"), models=["clicks"])) == 5
+    with pytest.raises(ReadError) as caught:
+        await reader.batch_get(["a", "b", "c"], models=["default", "clicks"])
+    assert (caught.value.code, caught.value.message) == (
+        "batch_too_large",
+        "3 user_ids x 2 models = 6 embeddings requested; at most 5 per call",
+    )
+    with pytest.raises(ReadError) as single:
+        await reader.batch_get(list("abcdef"), models=["clicks"])
+    assert single.value.message == "6 user_ids requested; at most 5 per call"
+    with pytest.raises(ReadError) as bad:
+        await reader.batch_get(["a", "b c"], models=["default", "clicks"])
+    assert bad.value.code == "invalid_user_id"
+
+
+async def test_the_cache_keys_records_by_model_and_user() -> None:
+    store = RecordingStore()
+    await store.put_embeddings({"u1": record(space="m1"), "u2": record(space="m1")})
+    await store.put_embeddings({"u1": clicks_record(space="c1")}, "clicks")
+    cache = HotCache(ttl_ms=60_000, max_users=10)
+    reader = models_reader(store, Refreshes(), cache=cache)
+    assert (await reader.get("u1")).space_version == "m1"
+    assert (await reader.get("u1", model="clicks")).space_version == "c1"  # not default's
+    await store.put_embeddings({"u1": record(space="m2"), "u2": record(space="m2")})
+    await store.put_embeddings({"u1": clicks_record(space="c2")}, "clicks")
+    assert (await reader.get("u1", model="clicks")).space_version == "c1"  # cached
+    assert (cache.hits, cache.misses) == (1, 2)
+    store.reads.clear()
+    # u1 is cached in both models; u2 in neither: only u2 is read, in both
+    answers = await reader.batch_get(["u1", "u2"], models=["default", "clicks"])
+    assert [(a.user_id, a.model, a.status, a.space_version) for a in answers] == [
+        ("u1", "default", "fresh", "m1"),
+        ("u1", "clicks", "fresh", "c1"),
+        ("u2", "default", "fresh", "m2"),
+        ("u2", "clicks", "cold_start", "c1"),
+    ]
+    assert store.reads == [("many", ["u2"], ["default", "clicks"])]
+    assert (cache.hits, cache.misses) == (3, 4)
+    # u2 is now cached in default only (a missing record is not cached): read in both
+    await store.put_embeddings({"u2": clicks_record(space="c3")}, "clicks")
+    answers = await reader.batch_get(["u2", "u1"], models=["default", "clicks"])
+    assert [a.space_version for a in answers] == ["m2", "c3", "m1", "c1"]
+    assert store.reads[1:] == [("many", ["u2"], ["default", "clicks"])]
+    assert len(cache) == 4  # (default|clicks, u1|u2)
+
+
+async def test_a_store_answering_the_wrong_shape_for_several_models_is_an_error() -> None:
+    class WrongStore(MemoryStore):
+        def __init__(self, shape: str) -> None:
+            super().__init__()
+            self.shape = shape
+
+        async def get_model_embeddings(
+            self, user_ids: Sequence[str], models: Sequence[str]
+        ) -> list[list[EmbeddingRecord | None]]:
+            records = await super().get_model_embeddings(user_ids, models)
+            if self.shape == "a model short":
+                return records[:-1]
+            if self.shape == "a model longer":
+                return [records[0], [*records[1], None]]
+            return [records[0], records[1][:-1]]
+
+    for shape in ("a model short", "a model longer", "a user short"):
+        for cache in (None, HotCache(ttl_ms=60_000, max_users=10)):
+            reader = models_reader(WrongStore(shape), Refreshes(), cache=cache)
+            with pytest.raises(ValueError, match="zip"):
+                await reader.batch_get(["u1", "u2"], models=["default", "clicks"])

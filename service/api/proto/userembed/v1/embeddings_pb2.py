@@ -24,25 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/service/api/proto/userembed/v1/embeddings.proto\x12\x0cuserembed.v1\"g\n\x13GetEmbeddingRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12(\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x16.userembed.v1.Encoding\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"n\n\x19\x42\x61tchGetEmbeddingsRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\t\x12(\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x16.userembed.v1.Encoding\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"\xbf\x02\n\tEmbedding\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.userembed.v1.Status\x12\x0e\n\x06vector\x18\x03 \x01(\x0c\x12(\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x16.userembed.v1.Encoding\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x15\n\rspace_version\x18\x07 \x01(\t\x12\x18\n\x0b\x63omputed_at\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12\x1c\n\x0f\x66\x65\x61ture_version\x18\t \x01(\x03H\x01\x88\x01\x01\x12\x19\n\x0cstaleness_ms\x18\n \x01(\x03H\x02\x88\x01\x01\x42\x0e\n\x0c_computed_atB\x12\n\x10_feature_versionB\x0f\n\r_staleness_ms\"I\n\x1a\x42\x61tchGetEmbeddingsResponse\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.userembed.v1.Embedding*P\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x14\n\x10\x45NCODING_FLOAT16\x10\x02*\x8e\x01\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATUS_FRESH\x10\x01\x12\x10\n\x0cSTATUS_STALE\x10\x02\x12\x15\n\x11STATUS_COLD_START\x10\x03\x12\x14\n\x10STATUS_NOT_FOUND\x10\x04\x12\x1b\n\x17STATUS_VERSION_MISMATCH\x10\x05\x32\xc1\x01\n\nEmbeddings\x12J\n\x0cGetEmbedding\x12!.userembed.v1.GetEmbeddingRequest\x1a\x17.userembed.v1.Embedding\x12g\n\x12\x42\x61tchGetEmbeddings\x12\'.userembed.v1.BatchGetEmbeddingsRequest\x1a(.userembed.v1.BatchGetEmbeddingsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/service/api/proto/userembed/v1/embeddings.proto\x12\x0cuserembed.v1\"v\n\x13GetEmbeddingRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12(\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x16.userembed.v1.Encoding\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\"\x88\x02\n\x19\x42\x61tchGetEmbeddingsRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\t\x12(\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x16.userembed.v1.Encoding\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12R\n\x0emodel_versions\x18\x05 \x03(\x0b\x32:.userembed.v1.BatchGetEmbeddingsRequest.ModelVersionsEntry\x1a\x34\n\x12ModelVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x02\n\tEmbedding\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.userembed.v1.Status\x12\x0e\n\x06vector\x18\x03 \x01(\x0c\x12(\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x16.userembed.v1.Encoding\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x15\n\rspace_version\x18\x07 \x01(\t\x12\x18\n\x0b\x63omputed_at\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12\x1c\n\x0f\x66\x65\x61ture_version\x18\t \x01(\x03H\x01\x88\x01\x01\x12\x19\n\x0cstaleness_ms\x18\n \x01(\x03H\x02\x88\x01\x01\x12\r\n\x05model\x18\x0b \x01(\tB\x0e\n\x0c_computed_atB\x12\n\x10_feature_versionB\x0f\n\r_staleness_ms\"I\n\x1a\x42\x61tchGetEmbeddingsResponse\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.userembed.v1.Embedding\"\x13\n\x11ListModelsRequest\"\xab\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rspace_version\x18\x03 \x01(\t\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x19\n\x11input_schema_hash\x18\x06 \x01(\t\x12\x31\n\ncold_start\x18\x07 \x01(\x0e\x32\x1d.userembed.v1.ColdStartStatus\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.userembed.v1.ModelInfo*P\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x14\n\x10\x45NCODING_FLOAT16\x10\x02*\x8e\x01\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATUS_FRESH\x10\x01\x12\x10\n\x0cSTATUS_STALE\x10\x02\x12\x15\n\x11STATUS_COLD_START\x10\x03\x12\x14\n\x10STATUS_NOT_FOUND\x10\x04\x12\x1b\n\x17STATUS_VERSION_MISMATCH\x10\x05*|\n\x0f\x43oldStartStatus\x12\x1a\n\x16\x43OLD_START_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43OLD_START_AVAILABLE\x10\x01\x12\x1a\n\x16\x43OLD_START_UNAVAILABLE\x10\x02\x12\x17\n\x13\x43OLD_START_DISABLED\x10\x03\x32\x92\x02\n\nEmbeddings\x12J\n\x0cGetEmbedding\x12!.userembed.v1.GetEmbeddingRequest\x1a\x17.userembed.v1.Embedding\x12g\n\x12\x42\x61tchGetEmbeddings\x12\'.userembed.v1.BatchGetEmbeddingsRequest\x1a(.userembed.v1.BatchGetEmbeddingsResponse\x12O\n\nListModels\x12\x1f.userembed.v1.ListModelsRequest\x1a .userembed.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'service.api.proto.userembed.v1.embeddings_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=679
-  _globals['_ENCODING']._serialized_end=759
-  _globals['_STATUS']._serialized_start=762
-  _globals['_STATUS']._serialized_end=904
+  _globals['_BATCHGETEMBEDDINGSREQUEST_MODELVERSIONSENTRY']._loaded_options = None
+  _globals['_BATCHGETEMBEDDINGSREQUEST_MODELVERSIONSENTRY']._serialized_options = b'8\001'
+  _globals['_ENCODING']._serialized_start=1122
+  _globals['_ENCODING']._serialized_end=1202
+  _globals['_STATUS']._serialized_start=1205
+  _globals['_STATUS']._serialized_end=1347
+  _globals['_COLDSTARTSTATUS']._serialized_start=1349
+  _globals['_COLDSTARTSTATUS']._serialized_end=1473
   _globals['_GETEMBEDDINGREQUEST']._serialized_start=65
-  _globals['_GETEMBEDDINGREQUEST']._serialized_end=168
-  _globals['_BATCHGETEMBEDDINGSREQUEST']._serialized_start=170
-  _globals['_BATCHGETEMBEDDINGSREQUEST']._serialized_end=280
-  _globals['_EMBEDDING']._serialized_start=283
-  _globals['_EMBEDDING']._serialized_end=602
-  _globals['_BATCHGETEMBEDDINGSRESPONSE']._serialized_start=604
-  _globals['_BATCHGETEMBEDDINGSRESPONSE']._serialized_end=677
-  _globals['_EMBEDDINGS']._serialized_start=907
-  _globals['_EMBEDDINGS']._serialized_end=1100
+  _globals['_GETEMBEDDINGREQUEST']._serialized_end=183
+  _globals['_BATCHGETEMBEDDINGSREQUEST']._serialized_start=186
+  _globals['_BATCHGETEMBEDDINGSREQUEST']._serialized_end=450
+  _globals['_BATCHGETEMBEDDINGSREQUEST_MODELVERSIONSENTRY']._serialized_start=398
+  _globals['_BATCHGETEMBEDDINGSREQUEST_MODELVERSIONSENTRY']._serialized_end=450
+  _globals['_EMBEDDING']._serialized_start=453
+  _globals['_EMBEDDING']._serialized_end=787
+  _globals['_BATCHGETEMBEDDINGSRESPONSE']._serialized_start=789
+  _globals['_BATCHGETEMBEDDINGSRESPONSE']._serialized_end=862
+  _globals['_LISTMODELSREQUEST']._serialized_start=864
+  _globals['_LISTMODELSREQUEST']._serialized_end=883
+  _globals['_MODELINFO']._serialized_start=886
+  _globals['_MODELINFO']._serialized_end=1057
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1059
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1120
+  _globals['_EMBEDDINGS']._serialized_start=1476
+  _globals['_EMBEDDINGS']._serialized_end=1750
 # @@protoc_insertion_point(module_scope)

@@ -28,7 +28,9 @@ if _version_not_supported:
 class EmbeddingsStub:
     """Embeddings served from the store at once; the model is never waited for. A
     missing or stale embedding is answered anyway (cold start or stale, flagged)
-    and a refresh is requested in the background.
+    and a refresh is requested in the background. Several models may be served side
+    by side: a request names them (empty: the default model, as before there were
+    several); NOT_FOUND names the served models when a requested one is not served.
     """
 
     def __init__(self, channel):
@@ -47,27 +49,44 @@ class EmbeddingsStub:
                 request_serializer=service_dot_api_dot_proto_dot_userembed_dot_v1_dot_embeddings__pb2.BatchGetEmbeddingsRequest.SerializeToString,
                 response_deserializer=service_dot_api_dot_proto_dot_userembed_dot_v1_dot_embeddings__pb2.BatchGetEmbeddingsResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/userembed.v1.Embeddings/ListModels',
+                request_serializer=service_dot_api_dot_proto_dot_userembed_dot_v1_dot_embeddings__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=service_dot_api_dot_proto_dot_userembed_dot_v1_dot_embeddings__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingsServicer:
     """Embeddings served from the store at once; the model is never waited for. A
     missing or stale embedding is answered anyway (cold start or stale, flagged)
-    and a refresh is requested in the background.
+    and a refresh is requested in the background. Several models may be served side
+    by side: a request names them (empty: the default model, as before there were
+    several); NOT_FOUND names the served models when a requested one is not served.
     """
 
     def GetEmbedding(self, request, context):
         """One user's embedding. NOT_FOUND: no embedding to serve (cold start disabled,
-        or none in the pinned space); FAILED_PRECONDITION: the stored embedding is in
-        another space than the pinned model_version; INVALID_ARGUMENT: bad user id,
-        encoding or model_version; UNAVAILABLE: the store did not answer in time.
+        or none in the pinned space), or the model is not served; FAILED_PRECONDITION:
+        the stored embedding is in another space than the pinned model_version;
+        INVALID_ARGUMENT: bad user id, encoding, model or model_version; UNAVAILABLE:
+        the store did not answer in time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def BatchGetEmbeddings(self, request, context):
-        """Up to batch_get_max_ids users (default 1000) in one store read, in request
-        order; users with nothing to serve get a per-user status instead of an error.
+        """Up to batch_get_max_ids answers (users x models; default 1000) in one store
+        read, user-major in request order; users with nothing to serve get a per-user
+        status instead of an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """The served models: version, space, dim, stored dtype, input schema hash and
+        cold-start status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,6 +105,11 @@ def add_EmbeddingsServicer_to_server(servicer, server):
                     request_deserializer=service_dot_api_dot_proto_dot_userembed_dot_v1_dot_embeddings__pb2.BatchGetEmbeddingsRequest.FromString,
                     response_serializer=service_dot_api_dot_proto_dot_userembed_dot_v1_dot_embeddings__pb2.BatchGetEmbeddingsResponse.SerializeToString,
             ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=service_dot_api_dot_proto_dot_userembed_dot_v1_dot_embeddings__pb2.ListModelsRequest.FromString,
+                    response_serializer=service_dot_api_dot_proto_dot_userembed_dot_v1_dot_embeddings__pb2.ListModelsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'userembed.v1.Embeddings', rpc_method_handlers)
@@ -97,7 +121,9 @@ def add_EmbeddingsServicer_to_server(servicer, server):
 class Embeddings:
     """Embeddings served from the store at once; the model is never waited for. A
     missing or stale embedding is answered anyway (cold start or stale, flagged)
-    and a refresh is requested in the background.
+    and a refresh is requested in the background. Several models may be served side
+    by side: a request names them (empty: the default model, as before there were
+    several); NOT_FOUND names the served models when a requested one is not served.
     """
 
     @staticmethod
@@ -144,6 +170,33 @@ class Embeddings:
             '/userembed.v1.Embeddings/BatchGetEmbeddings',
             service_dot_api_dot_proto_dot_userembed_dot_v1_dot_embeddings__pb2.BatchGetEmbeddingsRequest.SerializeToString,
             service_dot_api_dot_proto_dot_userembed_dot_v1_dot_embeddings__pb2.BatchGetEmbeddingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/userembed.v1.Embeddings/ListModels',
+            service_dot_api_dot_proto_dot_userembed_dot_v1_dot_embeddings__pb2.ListModelsRequest.SerializeToString,
+            service_dot_api_dot_proto_dot_userembed_dot_v1_dot_embeddings__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
