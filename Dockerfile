@@ -20,6 +20,8 @@
 # published after the build, mount a registry volume and set USEREMBED_REGISTRY_PATH
 # to it (docker-compose.yml and the prod overlay do): `init-registry` seeds it from
 # the baked copy when it is empty and the worker hot-swaps whatever is published later.
+# Or set USEREMBED_REGISTRY_URL=s3://bucket/prefix (the objectstore extra is installed):
+# worker and serve mirror the bucket into USEREMBED_REGISTRY_PATH (docs/registry.md).
 #
 # Reproducible: base images pinned by tag (pin digests in your registry mirror),
 # Python dependencies pinned by deploy/docker/constraints.txt, bytecode compiled
@@ -42,7 +44,7 @@ COPY deploy/docker/constraints.txt /tmp/constraints.txt
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY models ./models
-RUN /opt/venv/bin/pip install --no-compile -c /tmp/constraints.txt . \
+RUN /opt/venv/bin/pip install --no-compile -c /tmp/constraints.txt '.[objectstore]' \
  && /opt/venv/bin/pip uninstall -y pip setuptools wheel \
  && /opt/venv/bin/python -m compileall -q --invalidation-mode unchecked-hash /opt/venv/lib
 
@@ -62,7 +64,7 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY models ./models
 # onnxruntime-gpu replaces onnxruntime (both provide the `onnxruntime` module).
-RUN /opt/venv/bin/pip install --no-compile -c /tmp/constraints.txt . \
+RUN /opt/venv/bin/pip install --no-compile -c /tmp/constraints.txt '.[objectstore]' \
  && /opt/venv/bin/pip uninstall -y onnxruntime \
  && /opt/venv/bin/pip install --no-compile -c /tmp/constraints.txt onnxruntime-gpu \
  && /opt/venv/bin/pip uninstall -y pip setuptools wheel \

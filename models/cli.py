@@ -10,7 +10,6 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,10 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
         "training it again",
     )
     out = train.add_argument_group("output")
-    out.add_argument("--registry", type=Path, help="registry directory (default: settings)")
+    out.add_argument(
+        "--registry",
+        help="registry directory or object-store URL (s3://bucket/prefix; default: settings)",
+    )
     out.add_argument(
         "--model",
         default="default",
@@ -187,24 +189,13 @@ def run_config_from_args(args: argparse.Namespace) -> object:
     )
 
 
-def _registry(path: Path | None, model: str = "default") -> Path:
-    """The registry directory of ``model`` (the root itself for the default model)."""
-    from models.registry import model_root
-
-    if path is None:
-        from service.settings import Settings
-
-        from_environment: dict[str, Any] = {}  # every field from USEREMBED_* or its default
-        path = Settings(**from_environment).registry_path
-    return model_root(path, model)
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     if args.dataset == "movielens-1m":
         cmd_train_movielens(args)
         return
     from models.bench import bench_tower, format_bench, sample_tensors
     from models.pipeline import RunConfig, publish_run, run_training
+    from models.registry_target import publishing
     from models.report import format_report, quality_report
 
     config = run_config_from_args(args)
@@ -238,11 +229,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     version = args.version or time.strftime("sum-%Y%m%dT%H%M%SZ", time.gmtime())
     parent = None if args.parent == "none" else args.parent
-    registry = _registry(args.registry, args.model)
-    artifact = publish_run(run, registry, version, parent, make_current=not args.no_current)
+    with publishing(args.registry, args.model, parent=parent) as target:
+        current = not args.no_current
+        artifact = publish_run(run, target.root, version, parent, make_current=current)
+        where = target.done(artifact, make_current=current)
     alignment = artifact.manifest.alignment
     print(
-        f"published {artifact.version} to {artifact.directory}"
+        f"published {artifact.version} to {where}"
         + (
             f" (parent {alignment.parent_version}: mean cosine to parent "
             f"{alignment.mean_cosine_before:.3f} -> {alignment.mean_cosine_after:.3f} aligned)"
@@ -261,6 +254,7 @@ def cmd_train_movielens(args: argparse.Namespace) -> None:
         run_movielens,
         write_artifacts,
     )
+    from models.registry_target import publishing
     from models.sasrec import SASRecConfig
     from models.sum_retrieval import SumRetrievalConfig
     from models.user_tower import TowerConfig
@@ -302,10 +296,11 @@ def cmd_train_movielens(args: argparse.Namespace) -> None:
     if args.no_publish:
         return
     version = args.version or time.strftime("sum-ml1m-%Y%m%dT%H%M%SZ", time.gmtime())
-    artifact = publish_movielens(
-        run, _registry(args.registry, args.model), version, make_current=not args.no_current
-    )
-    print(f"published {artifact.version} to {artifact.directory}")
+    with publishing(args.registry, args.model) as target:
+        current = not args.no_current
+        artifact = publish_movielens(run, target.root, version, make_current=current)
+        where = target.done(artifact, make_current=current)
+    print(f"published {artifact.version} to {where}")
 
 
 def cmd_evaluate_retrieval(args: argparse.Namespace) -> None:

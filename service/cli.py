@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from models.cli import add_model_commands
+from models.registry_cli import add_registry_commands
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ def _serve_api(settings: Settings, worker: _Worker | None) -> None:
     """The read APIs in this process; as a ``worker``, on ports shared with the others."""
     import gc
 
+    from models.registry_sync import mirror_from_settings
     from service.api.app import create_app
     from service.api.cold_start import RegistryColdStart
     from service.api.grpc_service import start_grpc_server
@@ -118,6 +120,9 @@ def _serve_api(settings: Settings, worker: _Worker | None) -> None:
     async def serve() -> None:
         store = await _store(settings)
         sink = KafkaEventSink(settings) if settings.api_events_enabled else None
+        mirror = mirror_from_settings(settings)  # registry_url: mirrored into registry_path
+        if mirror is not None:
+            await asyncio.to_thread(mirror.sync, wait=True)  # cold starts before requests
         cold_start = RegistryColdStart(settings.registry_path)
         cold_start()  # load the current model's cold start before the first request
         reader = EmbeddingReader.from_settings(store, settings, cold_start)
@@ -128,6 +133,10 @@ def _serve_api(settings: Settings, worker: _Worker | None) -> None:
         sockets = None if worker is None else [_shared_socket(settings)]
         stop_reads = asyncio.Event()
         refresher = asyncio.create_task(reader.run(stop_reads), name="refresh-flusher")
+        mirroring = None
+        if mirror is not None:
+            follow = mirror.follow(stop_reads, settings.worker_model_poll_s)
+            mirroring = asyncio.create_task(follow, name="registry-mirror")
         grpc_server = None
         if settings.grpc_port:
             grpc_server, _ = await start_grpc_server(
@@ -168,6 +177,8 @@ def _serve_api(settings: Settings, worker: _Worker | None) -> None:
                 await grpc_server.stop(grace=2.0)
             stop_reads.set()
             await refresher
+            if mirroring is not None:
+                await mirroring
             await store.close()
             if sink is not None:
                 await sink.close()
@@ -323,24 +334,32 @@ def _cmd_produce(args: argparse.Namespace) -> None:
 
 
 def _cmd_publish_standin(args: argparse.Namespace) -> None:
-    from models.registry import model_root
+    from models.registry_target import publishing
     from models.standin import publish_standin
 
-    settings = _settings({"registry_path": args.registry})
-    artifact = publish_standin(
-        model_root(settings.registry_path, args.model),
-        version=args.version,
-        history_length=settings.history_length,
-        output_dim=args.dim,
-    )
-    print(f"published {artifact.version} of model {args.model} to {artifact.model_path.parent}")
+    settings = _settings({})
+    with publishing(args.registry, args.model) as target:
+        artifact = publish_standin(
+            target.root,
+            version=args.version,
+            history_length=settings.history_length,
+            output_dim=args.dim,
+        )
+        where = target.done(artifact)
+    print(f"published {artifact.version} of model {args.model} to {where}")
 
 
 def _cmd_retire_model(args: argparse.Namespace) -> None:
     from models.registry import retire_model
+    from models.registry_target import open_remote
 
-    settings = _settings({"registry_path": args.registry})
-    version = retire_model(settings.registry_path, args.model)
+    remote = open_remote(args.registry)
+    if remote is not None:
+        version = remote.retire(args.model)
+    else:
+        version = retire_model(
+            _settings({"registry_path": args.registry}).registry_path, args.model
+        )
     print(f"retired model {args.model} (it served {version}); publishing a version serves it again")
 
 
@@ -351,14 +370,28 @@ def _cmd_init_registry(args: argparse.Namespace) -> None:
 
     from models.default import DEFAULT_REGISTRY
     from models.registry import current_version, install, load_artifact, model_root
+    from models.registry_target import open_remote
 
+    source = Path(args.source) if args.source else DEFAULT_REGISTRY
+    remote = open_remote(args.registry)
+    if remote is not None:  # an object store: pushed (files verified, CURRENT last)
+        existing = remote.current_version(args.model)
+        if existing is not None and not args.force:
+            print(
+                f"registry {remote.location(args.model)} already serves {existing}: nothing to do"
+            )
+            return
+        artifact = load_artifact(source)
+        print(
+            f"installed {artifact.version} from {source} into {remote.push(artifact, args.model)}"
+        )
+        return
     settings = _settings({"registry_path": args.registry})
     root = model_root(settings.registry_path, args.model)
     existing = current_version(root)
     if existing is not None and not args.force:
         print(f"registry {root} already serves {existing}: nothing to do")
         return
-    source = Path(args.source) if args.source else DEFAULT_REGISTRY
     artifact = install(root, load_artifact(source))
     print(f"installed {artifact.version} from {source} into {root}")
 
@@ -581,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     publish = sub.add_parser("publish-standin", help="publish the untrained stand-in model")
     publish.add_argument("--version", default="standin-1")
-    publish.add_argument("--registry")
+    publish.add_argument("--registry", help="registry directory or URL (default: settings)")
     publish.add_argument("--model", default="default", help="the model to publish it as")
     publish.add_argument("--dim", type=int, default=128, help="output dimension")
     publish.set_defaults(func=_cmd_publish_standin)
@@ -590,13 +623,15 @@ def build_parser() -> argparse.ArgumentParser:
         "retire-model", help="stop serving a model (its CURRENT becomes RETIRED)"
     )
     retire.add_argument("model")
-    retire.add_argument("--registry")
+    retire.add_argument("--registry", help="registry directory or URL (default: settings)")
     retire.set_defaults(func=_cmd_retire_model)
 
     init_registry = sub.add_parser(
         "init-registry", help="install a model into the registry if it has none (default model)"
     )
-    init_registry.add_argument("--registry", help="registry to seed (default: settings)")
+    init_registry.add_argument(
+        "--registry", help="registry directory or URL to seed (default: settings)"
+    )
     init_registry.add_argument("--model", default="default", help="the model to seed")
     init_registry.add_argument(
         "--from",
@@ -622,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(func=_cmd_migrate_keys)
 
     add_model_commands(sub)  # train, bench-model, export-world (torch imported on use)
+    add_registry_commands(sub)  # registry push / sync (object-store registries)
 
     bench = sub.add_parser("bench", help="benchmarks that print numbers next to a baseline")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -8,7 +8,7 @@ example ``USEREMBED_REDIS_URL=redis://localhost:6379/0``. List fields take JSON
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -96,7 +96,22 @@ class Settings(BaseSettings):
     )
 
     # --- model -------------------------------------------------------------
-    registry_path: Path = Field(Path("var/registry"), description="Model registry directory")
+    registry_path: Path = Field(
+        Path("var/registry"),
+        description="Model registry directory; with registry_url, the local cache it is "
+        "mirrored into",
+    )
+    registry_url: str | None = Field(
+        None,
+        description="Registry on an object store (fsspec URL: s3://bucket/prefix, gs://..., "
+        "file:///...): worker and serve mirror it into registry_path every "
+        "worker_model_poll_s (docs/registry.md); unset = registry_path is the registry",
+    )
+    registry_storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options of registry_url (JSON object, e.g. "
+        '{"endpoint_url": "http://minio:9000"}); credentials come from the environment',
+    )
     embedding_dtype: Literal["float16", "float32"] = "float16"
     history_length: int = Field(50, ge=1, le=1024, description="Last L events kept per user")
 
@@ -220,6 +235,15 @@ class Settings(BaseSettings):
                 f"unsupported redis_url scheme in {url.split('://')[0]!r}: use "
                 + ", ".join(f"{scheme}://" for scheme in schemes)
             )
+        return url
+
+    @field_validator("registry_url")
+    @classmethod
+    def _registry_url(cls, url: str | None) -> str | None:
+        if not url:
+            return None
+        if "://" not in url:
+            raise ValueError(f"registry_url {url!r} is not a URL: use s3://, gs:// or file://")
         return url
 
     @property

@@ -210,7 +210,8 @@ def test_constraints_pin_every_runtime_dependency() -> None:
             name, _, version = line.partition("==")
             assert version, f"{line}: pin with =="
             pins[re.sub(r"[-_.]+", "-", name).lower()] = version
-    for requirement in [*project["dependencies"], *project["optional-dependencies"]["gpu"]]:
+    extras = project["optional-dependencies"]
+    for requirement in [*project["dependencies"], *extras["gpu"], *extras["objectstore"]]:
         name = re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0]
         assert re.sub(r"[-_.]+", "-", name).lower() in pins, (
             f"{name} is not pinned in deploy/docker/constraints.txt: regenerate it (see its header)"

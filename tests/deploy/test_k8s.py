@@ -384,9 +384,12 @@ def test_config_keys_are_settings(
 
 def test_the_registry_path_is_mounted_or_baked(rendered: tuple[str, list[Obj]]) -> None:
     _, objects = rendered
-    path = _find(objects, "ConfigMap", "userembed-config")["data"]["USEREMBED_REGISTRY_PATH"]
+    config = _find(objects, "ConfigMap", "userembed-config")["data"]
+    path = config["USEREMBED_REGISTRY_PATH"]
     if path == "/opt/userembed/models":
         return  # baked into the image (Dockerfile, MODEL_REGISTRY)
+    if "USEREMBED_REGISTRY_URL" in config:
+        return  # mirrored from a bucket: test_prod_mirrors_the_registry_from_a_bucket
     for role in ("api", "worker"):
         mounts = _container(objects, f"userembed-{role}")["volumeMounts"]
         assert {"name": "registry", "mountPath": path, "readOnly": True} in mounts, role
@@ -394,6 +397,39 @@ def test_the_registry_path_is_mounted_or_baked(rendered: tuple[str, list[Obj]]) 
     (container,) = _containers(job)
     assert container["args"][0] == "init-registry"
     assert any(m["mountPath"] == path for m in container["volumeMounts"])
+
+
+def test_prod_mirrors_the_registry_from_a_bucket() -> None:
+    """Prod reads models from a bucket: each API and worker pod mirrors it into a writable
+    emptyDir cache at registry_path (no shared volume), and a Job seeds the bucket."""
+    objects = render(TARGETS["prod"])
+    config = _find(objects, "ConfigMap", "userembed-config")["data"]
+    url, path = config["USEREMBED_REGISTRY_URL"], config["USEREMBED_REGISTRY_PATH"]
+    assert url.startswith(("s3://", "gs://")), url
+    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    for role in ("api", "worker"):
+        deployment = _find(objects, "Deployment", f"userembed-{role}")
+        (mount,) = [
+            m
+            for m in _container(objects, f"userembed-{role}")["volumeMounts"]
+            if m["mountPath"] == path
+        ]
+        assert not mount.get("readOnly"), f"{role}: the cache is written by the mirror"
+        spec = pod_spec(deployment)
+        assert spec is not None
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert "emptyDir" in volume, f"{role}: a cache of its own, not a shared volume"
+    (container,) = _containers(_find(objects, "Job", "userembed-model-init"))
+    assert container["args"][0] == "init-registry"
+    assert {"configMapRef": {"name": "userembed-config"}} in container["envFrom"]
+    egress = {
+        p["port"]
+        for o in objects
+        if o["kind"] == "NetworkPolicy"
+        for rule in o["spec"].get("egress", [])
+        for p in rule.get("ports", [])
+    }
+    assert 443 in egress, "the pods reach the object store over HTTPS"
 
 
 def test_network_policies_admit_the_traffic_the_roles_need(
