@@ -6,7 +6,8 @@
 Candidates come from ``--items`` (an ``.npy`` float32 matrix, one item vector per row,
 in the space of the user model: pin that space with ``--model-version``) or, without
 it, random unit vectors as stand-ins for an item tower's output. The score is the dot
-product, as in a two-tower retrieval model.
+product, as in a two-tower retrieval model. ``--model`` reads a named model (of several
+the server serves) instead of the default one.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--user", default="u42")
     parser.add_argument("--items", help=".npy item vectors (default: 1000 random ones)")
     parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--model", help="the served model to read (default: the default one)")
     parser.add_argument("--model-version", help="the space the item vectors are in")
     parser.add_argument("--api-key")
     args = parser.parse_args(argv)
 
-    with Client(args.url, api_key=args.api_key, model_version=args.model_version) as client:
+    with Client(
+        args.url, api_key=args.api_key, model=args.model, model_version=args.model_version
+    ) as client:
         try:
             user = client.get(args.user)
         except UserembedError as exc:

@@ -1,5 +1,9 @@
 """Prometheus metrics of every role, named ``userembed_<component>_<what>_<unit>``.
 
+Labels are few and bounded: a metric about one of the served models has a ``model``
+label (a served model's name: a handful, never a user); a stage shared by every model
+has ``model=""``, which PromQL reads as no label.
+
 Metrics are process-wide by nature (one registry per process, scraped on /metrics),
 so they live here rather than being threaded through constructors.
 
@@ -98,17 +102,22 @@ INGEST_CRASH_LOOP_PARTITIONS = Gauge(
 )
 
 # --- worker ------------------------------------------------------------------
-WORKER_EMBEDDINGS = Counter("userembed_worker_embeddings_total", "Embeddings written")
+WORKER_EMBEDDINGS = Counter(
+    "userembed_worker_embeddings_total", "Embeddings written, by model", ["model"]
+)
 WORKER_SKIPPED = Counter(
-    "userembed_worker_skipped_total", "Dirty users not embedded, by reason", ["reason"]
+    "userembed_worker_skipped_total",
+    "Dirty users a model did not embed, by model and reason (no_features: every model's)",
+    ["model", "reason"],
 )
 WORKER_BATCH_SIZE = Histogram(
     "userembed_worker_batch_size_users", "Users per micro-batch", buckets=_BATCH_BUCKETS
 )
 WORKER_STAGE_SECONDS = Histogram(
     "userembed_worker_stage_seconds",
-    "Per-stage latency of a micro-batch (fetch, assemble, infer, write)",
-    ["stage"],
+    'Per-stage latency of a micro-batch: fetch, assemble and write (shared: model=""), '
+    "infer and stabilize (per model)",
+    ["model", "stage"],
     buckets=_LATENCY_BUCKETS,
 )
 WORKER_QUEUE_DEPTH = Gauge(
@@ -123,8 +132,8 @@ WORKER_OLDEST_DIRTY_AGE = Gauge(
 )
 WORKER_MODEL = Gauge(
     "userembed_worker_model_info",
-    "Model served by this worker (1 for the current one)",
-    ["version", "space", "provider", "precision"],
+    "Models served by this worker (1 for each model's current version)",
+    ["model", "version", "space", "provider", "precision"],
     multiprocess_mode="livemax",
 )
 WORKER_LEASED = Gauge(
@@ -139,15 +148,17 @@ WORKER_EMBEDDING_STALENESS = Histogram(
 )
 WORKER_MODEL_SWAPS = Counter(
     "userembed_worker_model_swaps_total",
-    "Model versions seen in the registry, by outcome (swapped, refused)",
-    ["outcome"],
+    "Model versions seen in the registry, by model and outcome (swapped, refused)",
+    ["model", "outcome"],
 )
 WORKER_REEMBED_ENQUEUED = Counter(
-    "userembed_worker_reembed_enqueued_total", "Active users queued for re-embedding after a swap"
+    "userembed_worker_reembed_enqueued_total",
+    "Active users queued for re-embedding after a swap (or a backfill of a new model), by model",
+    ["model"],
 )
 WORKER_READY = Gauge(
     "userembed_worker_ready",
-    "1 once the model is loaded and warmed up",
+    "1 once the worker's models are loaded and warmed up",
     multiprocess_mode="livemin",
 )
 
@@ -164,7 +175,9 @@ API_IN_FLIGHT = Gauge(
     multiprocess_mode="livesum",
 )
 API_SERVED = Counter(
-    "userembed_api_embeddings_served_total", "Embeddings served, by status", ["status"]
+    "userembed_api_embeddings_served_total",
+    "Embeddings served, by model and status",
+    ["model", "status"],
 )
 API_SERVED_STALENESS = Histogram(
     "userembed_api_served_staleness_seconds",

@@ -1,5 +1,6 @@
-"""The asyncio client: ``await AsyncClient(url).get(user_id)`` and ``.get_many(user_ids)``,
-optionally coalescing concurrent single gets into batch reads.
+"""The asyncio client: ``await AsyncClient(url).get(user_id)``, ``.get_many(user_ids)``
+(of one model, or of several: ``models=[...]``) and ``.list_models()``, optionally
+coalescing concurrent single gets into batch reads (per model and pin).
 
 Same options and semantics as :class:`userembed.Client`; each call's deadline is
 enforced as a whole (``asyncio.timeout``), the parts of a split batch are sent
@@ -10,18 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeVar, overload
 
-from userembed.batching import DEFAULT_MAX_BATCH, check_user_id, split
+from userembed.batching import DEFAULT_MAX_BATCH, check_user_id, split, users_per_request
 from userembed.coalescing import GetCoalescer
 from userembed.errors import DeadlineExceeded
 from userembed.hedging import hedged_async
 from userembed.options import ClientOptions
-from userembed.results import Batch, Embedding
+from userembed.results import Batch, Embedding, ModelBatches, ModelInfo
 from userembed.retry import RetryPolicy, call_with_retries_async, deadline_after, remaining_s
-from userembed.transport import AsyncTransport, Precision, Target
+from userembed.transport import AsyncTransport, Precision, Query, Target
 
 T = TypeVar("T")
 
@@ -51,8 +52,8 @@ class AsyncClient:
     """Reads user embeddings from a ``userembed serve`` over HTTP or gRPC, in asyncio.
 
     The options are :class:`userembed.Client`'s, plus ``coalesce_window_s``: concurrent
-    ``get`` calls within that many seconds of the first become one batch read per pin
-    (off by default; 0.001-0.005 suits a ranker fanning out single gets).
+    ``get`` calls within that many seconds of the first become one batch read per model
+    and pin (off by default; 0.001-0.005 suits a ranker fanning out single gets).
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class AsyncClient:
         url: str = "http://127.0.0.1:8000",
         *,
         api_key: str | None = None,
+        model: str | None = None,
         model_version: str | None = None,
         timeout: float = 1.0,
         retry: RetryPolicy | None = None,
@@ -72,6 +74,7 @@ class AsyncClient:
     ) -> None:
         self.options = ClientOptions(
             api_key=api_key,
+            model=model,
             model_version=model_version,
             timeout=timeout,
             retry=retry or RetryPolicy(),
@@ -90,42 +93,78 @@ class AsyncClient:
         )
 
     async def get(
-        self, user_id: str, *, model_version: str | None = None, timeout: float | None = None
+        self,
+        user_id: str,
+        *,
+        model: str | None = None,
+        model_version: str | None = None,
+        timeout: float | None = None,
     ) -> Embedding:
-        """One user's embedding; see :meth:`userembed.Client.get`."""
+        """One user's embedding of ``model``; see :meth:`userembed.Client.get`."""
         check_user_id(user_id)
-        pin = model_version or self.options.model_version
+        query = self.options.query(model, model_version)
         deadline = deadline_after(self.options.timeout if timeout is None else timeout)
         if self._coalescer is not None:
-            return await self._coalescer.get(user_id, pin, deadline)
+            return await self._coalescer.get(user_id, query, deadline)
         return await self._call(
-            lambda: self._transport.get(user_id, pin, remaining_s(deadline)), deadline
+            lambda: self._transport.get(user_id, query, remaining_s(deadline)), deadline
         )
 
+    @overload
     async def get_many(
         self,
         user_ids: Sequence[str],
         *,
+        model: str | None = None,
         model_version: str | None = None,
         timeout: float | None = None,
-    ) -> Batch:
-        """Every user's answer in request order; see :meth:`userembed.Client.get_many`."""
+    ) -> Batch: ...
+    @overload
+    async def get_many(
+        self,
+        user_ids: Sequence[str],
+        *,
+        models: Sequence[str],
+        model_versions: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> ModelBatches: ...
+    async def get_many(
+        self,
+        user_ids: Sequence[str],
+        *,
+        model: str | None = None,
+        model_version: str | None = None,
+        models: Sequence[str] | None = None,
+        model_versions: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Batch | ModelBatches:
+        """Every user's answer in request order, of one model or of several; see
+        :meth:`userembed.Client.get_many`."""
         ids = [check_user_id(u) for u in user_ids]
-        if not ids:
-            return Batch([])
-        pin = model_version or self.options.model_version
+        query = self.options.batch_query(model, model_version, models, model_versions)
         deadline = deadline_after(self.options.timeout if timeout is None else timeout)
-        return Batch(await self._batch(ids, pin, deadline))
+        answers = await self._batch(ids, query, deadline) if ids else []
+        if models is None:
+            return Batch(answers)
+        return ModelBatches.from_answers(ids, query.models, answers)
 
-    async def _batch(self, ids: Sequence[str], pin: str | None, deadline: float) -> list[Embedding]:
-        """``ids`` in parts of at most ``max_batch``, sent concurrently, answers in order."""
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """The models the server serves; see :meth:`userembed.Client.list_models`."""
+        deadline = deadline_after(self.options.timeout if timeout is None else timeout)
+        return await self._call(
+            lambda: self._transport.list_models(remaining_s(deadline)), deadline
+        )
+
+    async def _batch(self, ids: Sequence[str], query: Query, deadline: float) -> list[Embedding]:
+        """``ids`` in parts of at most ``max_batch`` answers, sent concurrently, answers in
+        order."""
 
         def part(chunk: Sequence[str]) -> Awaitable[list[Embedding]]:
             return self._call(
-                lambda: self._transport.batch_get(chunk, pin, remaining_s(deadline)), deadline
+                lambda: self._transport.batch_get(chunk, query, remaining_s(deadline)), deadline
             )
 
-        chunks = split(ids, self.options.max_batch)
+        chunks = split(ids, users_per_request(self.options.max_batch, len(query.names)))
         if len(chunks) == 1:
             return await part(chunks[0])
         parts = await asyncio.gather(*(part(chunk) for chunk in chunks))

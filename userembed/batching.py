@@ -31,3 +31,9 @@ def split(user_ids: Sequence[str], max_batch: int) -> list[Sequence[str]]:
     if max_batch < 1:
         raise ValueError(f"max_batch={max_batch}: at least 1")
     return [user_ids[i : i + max_batch] for i in range(0, len(user_ids), max_batch)]
+
+
+def users_per_request(max_batch: int, models: int) -> int:
+    """Users per request when each answers ``models`` models: the server bounds the
+    answers (users x models) by its ``batch_get_max_ids``; at least one user."""
+    return max(1, max_batch // models)

@@ -1,9 +1,11 @@
 """Typed exceptions, mapped from the server's error codes (HTTP) and status codes (gRPC).
 
-Over HTTP every error is ``{"error": {"code", "message"}}``; the class follows the
-code (``not_found`` -> :class:`NotFound`), or the HTTP status for a code this client does
-not know. Over gRPC the status code decides (``FAILED_PRECONDITION`` ->
-:class:`VersionMismatch`). Pure: no transport is imported here.
+Over HTTP every error is ``{"error": {"code", "message"}}``; over gRPC the server sends
+the same code as ``userembed-error-code`` trailing metadata. The class follows the code
+(``not_found`` -> :class:`NotFound`, ``unknown_model`` -> :class:`UnknownModel`), or the
+HTTP or gRPC status for a code this client does not know (or a server or proxy that
+sent none: ``FAILED_PRECONDITION`` -> :class:`VersionMismatch`). Pure: no transport is
+imported here.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Final
 class UserembedError(Exception):
     """Base of every error the client raises.
 
-    ``code`` is the server's error code over HTTP (``invalid_user_id``, ``not_found``,
-    ...), the gRPC status name in lower case over gRPC, or the client's own code
-    (``deadline_exceeded``, ``connection_failed``); ``http_status`` is None over gRPC;
+    ``code`` is the server's error code (``invalid_user_id``, ``not_found``, ...), over
+    gRPC too; the gRPC status name in lower case when a gRPC answer carried none; or the
+    client's own code (``deadline_exceeded``, ``connection_failed``); ``http_status`` is
+    None over gRPC;
     ``request_id`` is the server's ``x-request-id`` when it answered; ``attempts`` is how
     many requests the call made before giving up.
     """
@@ -62,6 +65,12 @@ class NotFound(UserembedError):
     or none in the pinned space. ``get_many`` reports it per user instead."""
 
 
+class UnknownModel(UserembedError):
+    """The read names a model the server does not serve (404 ``unknown_model``; gRPC
+    NOT_FOUND): never published, or retired. The message lists the served models, as
+    does ``list_models()``. Not a :class:`NotFound`: it concerns the request, not a user."""
+
+
 class VersionMismatch(UserembedError):
     """The stored embedding is in another space than the pinned ``model_version`` (409;
     gRPC FAILED_PRECONDITION). ``get_many`` reports it per user instead."""
@@ -86,6 +95,7 @@ _BY_CODE: Final[dict[str, type[UserembedError]]] = {
     "invalid_user_id": InvalidRequest,
     "invalid_encoding": InvalidRequest,
     "invalid_model_version": InvalidRequest,
+    "invalid_model": InvalidRequest,
     "invalid_request": InvalidRequest,
     "batch_too_large": InvalidRequest,
     "request_too_large": InvalidRequest,
@@ -93,6 +103,7 @@ _BY_CODE: Final[dict[str, type[UserembedError]]] = {
     "method_not_allowed": InvalidRequest,
     "unauthenticated": Unauthenticated,
     "not_found": NotFound,
+    "unknown_model": UnknownModel,
     "version_mismatch": VersionMismatch,
     "store_unavailable": Unavailable,
     "store_misconfigured": Unavailable,
@@ -140,8 +151,13 @@ def error_from_http(
 
 
 def error_from_grpc(
-    status_name: str, details: str | None, *, request_id: str | None = None
+    status_name: str,
+    details: str | None,
+    *,
+    code: str | None = None,
+    request_id: str | None = None,
 ) -> UserembedError:
-    """The exception for a failed gRPC call (``status_name`` as in ``grpc.StatusCode.X.name``)."""
-    cls = _BY_GRPC.get(status_name, ServerError)
-    return cls(details or status_name, code=status_name.lower(), request_id=request_id)
+    """The exception for a failed gRPC call (``status_name`` as in ``grpc.StatusCode.X.name``;
+    ``code`` the server's error code from the trailing metadata, when it sent one)."""
+    cls = _BY_CODE.get(code or "") or _BY_GRPC.get(status_name, ServerError)
+    return cls(details or status_name, code=code or status_name.lower(), request_id=request_id)

@@ -1,6 +1,6 @@
-"""The HTTP transport (httpx): ``GET /v1/users/{id}/embedding`` and
-``POST /v1/embeddings:batchGet`` with ``encoding=base64_float16`` (or float32), one
-pooled keep-alive connection set per client.
+"""The HTTP transport (httpx): ``GET /v1/users/{id}/embedding``,
+``POST /v1/embeddings:batchGet`` with ``encoding=base64_float16`` (or float32) and
+``GET /v1/models``, one pooled keep-alive connection set per client.
 
 Vectors travel as base64 of little-endian floats (4.7x smaller than JSON numbers for
 128-d) and are decoded with numpy, a whole batch at once.
@@ -22,11 +22,20 @@ from userembed.errors import (
     UserembedError,
     error_from_http,
 )
-from userembed.results import STATUSES, Embedding, Status, stack_vectors
+from userembed.results import (
+    COLD_START_STATUSES,
+    DEFAULT_MODEL,
+    STATUSES,
+    Embedding,
+    ModelInfo,
+    Status,
+    stack_vectors,
+)
 from userembed.retry import parse_retry_after
-from userembed.transport import Precision
+from userembed.transport import Precision, Query
 
 BATCH_PATH: Final = "/v1/embeddings:batchGet"
+MODELS_PATH: Final = "/v1/models"
 _ENCODING: Final[dict[str, tuple[str, str]]] = {
     "float16": ("base64_float16", "<f2"),
     "float32": ("base64_float32", "<f4"),
@@ -60,6 +69,27 @@ def decode_answers(rows: Sequence[dict[str, Any]], dtype: str) -> list[Embedding
                 row["computed_at"],
                 row["feature_version"],
                 row["staleness_ms"],
+                row.get("model") or DEFAULT_MODEL,
+            )
+        )
+    return out
+
+
+def decode_models(body: dict[str, Any]) -> list[ModelInfo]:
+    """The ``GET /v1/models`` answer as :class:`ModelInfo` objects."""
+    out = []
+    for row in body["models"]:
+        if row["cold_start"] not in COLD_START_STATUSES:
+            raise ServerError(f"unknown cold_start {row['cold_start']!r} of {row['name']!r}")
+        out.append(
+            ModelInfo(
+                row["name"],
+                row["version"],
+                row["space_version"],
+                row["dim"],
+                row["dtype"],
+                row["input_schema_hash"],
+                row["cold_start"],
             )
         )
     return out
@@ -88,11 +118,23 @@ def _transport_error(what: str, exc: httpx.HTTPError) -> UserembedError:
     return Unavailable(f"{what}: {exc!r}", code="connection_failed")
 
 
+_UNREADABLE: Final = (orjson.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error)
+
+
 def _decode(response: httpx.Response, batch: bool, dtype: str) -> list[Embedding]:
     try:
         body = orjson.loads(response.content)
         return decode_answers(body["embeddings"] if batch else [body], dtype)
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
+    except _UNREADABLE as exc:
+        raise ServerError(f"unreadable answer: {exc!r}", code="bad_answer") from exc
+
+
+def _models(response: httpx.Response) -> list[ModelInfo]:
+    if response.status_code != 200:
+        raise error_of(response)
+    try:
+        return decode_models(orjson.loads(response.content))
+    except _UNREADABLE as exc:
         raise ServerError(f"unreadable answer: {exc!r}", code="bad_answer") from exc
 
 
@@ -105,12 +147,25 @@ class _Requests:
         if api_key:
             self.headers["authorization"] = f"Bearer {api_key}"
 
-    def query(self, pin: str | None) -> dict[str, str]:
-        return {"encoding": self.encoding, **({"model_version": pin} if pin else {})}
-
-    def batch_body(self, user_ids: Sequence[str], pin: str | None) -> bytes:
-        body: dict[str, Any] = {"user_ids": list(user_ids), "encoding": self.encoding}
+    def query(self, query: Query) -> dict[str, str]:
+        """The single get's query string: its model (when named) and pin."""
+        params = {"encoding": self.encoding}
+        if query.models:
+            params["model"] = query.models[0]
+        pin = query.pin(query.names[0])
         if pin:
+            params["model_version"] = pin
+        return params
+
+    def batch_body(self, user_ids: Sequence[str], query: Query) -> bytes:
+        """The batchGet body: named models with per-model pins, or the unnamed default
+        model with its pin (the body of a client from before there were several models)."""
+        body: dict[str, Any] = {"user_ids": list(user_ids), "encoding": self.encoding}
+        if query.models:
+            body["models"] = list(query.models)
+            if query.pins:
+                body["model_versions"] = dict(query.pins)
+        elif pin := query.pin():
             body["model_version"] = pin
         return orjson.dumps(body)
 
@@ -135,23 +190,22 @@ class HttpTransport:
             base_url=base_url, headers=self._requests.headers, limits=_limits(max_connections)
         )
 
-    def get(self, user_id: str, pin: str | None, timeout_s: float) -> Embedding:
+    def get(self, user_id: str, query: Query, timeout_s: float) -> Embedding:
         path = get_path(user_id)
+        params = self._requests.query(query)
         try:
-            response = self._client.get(path, params=self._requests.query(pin), timeout=timeout_s)
+            response = self._client.get(path, params=params, timeout=timeout_s)
         except httpx.HTTPError as exc:
             raise _transport_error(f"GET {path}", exc) from exc
         if response.status_code != 200:
             raise error_of(response)
         return _decode(response, False, self._requests.dtype)[0]
 
-    def batch_get(
-        self, user_ids: Sequence[str], pin: str | None, timeout_s: float
-    ) -> list[Embedding]:
+    def batch_get(self, user_ids: Sequence[str], query: Query, timeout_s: float) -> list[Embedding]:
         try:
             response = self._client.post(
                 BATCH_PATH,
-                content=self._requests.batch_body(user_ids, pin),
+                content=self._requests.batch_body(user_ids, query),
                 headers=_JSON,
                 timeout=timeout_s,
             )
@@ -160,6 +214,13 @@ class HttpTransport:
         if response.status_code != 200:
             raise error_of(response)
         return _decode(response, True, self._requests.dtype)
+
+    def list_models(self, timeout_s: float) -> list[ModelInfo]:
+        try:
+            response = self._client.get(MODELS_PATH, timeout=timeout_s)
+        except httpx.HTTPError as exc:
+            raise _transport_error(f"GET {MODELS_PATH}", exc) from exc
+        return _models(response)
 
     def close(self) -> None:
         self._client.close()
@@ -181,12 +242,11 @@ class AsyncHttpTransport:
             base_url=base_url, headers=self._requests.headers, limits=_limits(max_connections)
         )
 
-    async def get(self, user_id: str, pin: str | None, timeout_s: float) -> Embedding:
+    async def get(self, user_id: str, query: Query, timeout_s: float) -> Embedding:
         path = get_path(user_id)
+        params = self._requests.query(query)
         try:
-            response = await self._client.get(
-                path, params=self._requests.query(pin), timeout=timeout_s
-            )
+            response = await self._client.get(path, params=params, timeout=timeout_s)
         except httpx.HTTPError as exc:
             raise _transport_error(f"GET {path}", exc) from exc
         if response.status_code != 200:
@@ -194,12 +254,12 @@ class AsyncHttpTransport:
         return _decode(response, False, self._requests.dtype)[0]
 
     async def batch_get(
-        self, user_ids: Sequence[str], pin: str | None, timeout_s: float
+        self, user_ids: Sequence[str], query: Query, timeout_s: float
     ) -> list[Embedding]:
         try:
             response = await self._client.post(
                 BATCH_PATH,
-                content=self._requests.batch_body(user_ids, pin),
+                content=self._requests.batch_body(user_ids, query),
                 headers=_JSON,
                 timeout=timeout_s,
             )
@@ -208,6 +268,13 @@ class AsyncHttpTransport:
         if response.status_code != 200:
             raise error_of(response)
         return _decode(response, True, self._requests.dtype)
+
+    async def list_models(self, timeout_s: float) -> list[ModelInfo]:
+        try:
+            response = await self._client.get(MODELS_PATH, timeout=timeout_s)
+        except httpx.HTTPError as exc:
+            raise _transport_error(f"GET {MODELS_PATH}", exc) from exc
+        return _models(response)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 from userembed.batching import DEFAULT_MAX_BATCH
+from userembed.errors import InvalidRequest
+from userembed.results import DEFAULT_MODEL
 from userembed.retry import RetryPolicy
-from userembed.transport import Precision
+from userembed.transport import Precision, Query
 
-# models.registry's version names (the server answers 400 to anything else)
+# models.registry's version names and service.core.model_names' model names (the server
+# answers 400 to anything else)
 _VERSION: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_MODEL: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +24,7 @@ class ClientOptions:
     """See :class:`userembed.Client` for what each option means."""
 
     api_key: str | None = None
+    model: str | None = None
     model_version: str | None = None
     timeout: float = 1.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -48,3 +54,54 @@ class ClientOptions:
                 f"model_version={self.model_version!r}: a model version name, 1..64 of "
                 "[A-Za-z0-9_.-] starting with a letter or digit"
             )
+        if self.model is not None and not _MODEL.fullmatch(self.model):
+            raise ValueError(
+                f"model={self.model!r}: a model name, 1..32 of [A-Za-z0-9_-] starting with a "
+                "letter or digit"
+            )
+
+    def query(self, model: str | None, model_version: str | None) -> Query:
+        """What a one-model call reads: ``model`` (else the client's; neither: the default
+        model, unnamed), pinned to ``model_version``, else to the client's pin when it
+        reads the client's model."""
+        name = model or self.model
+        own = (name or DEFAULT_MODEL) == (self.model or DEFAULT_MODEL)
+        pin = model_version or (self.model_version if own else None)
+        if name is None:
+            return Query.of((), {DEFAULT_MODEL: pin})
+        return Query.of((name,), {name: pin})
+
+    def batch_query(
+        self,
+        model: str | None,
+        model_version: str | None,
+        models: Sequence[str] | None,
+        model_versions: Mapping[str, str] | None,
+    ) -> Query:
+        """What a ``get_many`` reads: one model (``model``, ``model_version``) or several
+        (``models``, ``model_versions``), not a mix."""
+        if models is None:
+            if model_versions is not None:
+                raise ValueError(
+                    "model_versions= pins the models of models=[...]: use model_version="
+                )
+            return self.query(model, model_version)
+        if model is not None or model_version is not None:
+            raise ValueError("models=[...] reads several models: pin them with model_versions=")
+        return self.models_query(models, model_versions)
+
+    def models_query(
+        self, models: Sequence[str], model_versions: Mapping[str, str] | None
+    ) -> Query:
+        """What a call naming ``models`` reads: each pinned by ``model_versions``, and the
+        client's model, if among them and not pinned there, by the client's pin."""
+        if isinstance(models, str) or not models:
+            raise InvalidRequest(
+                f"models={models!r}: a non-empty list of model names (or use model=)",
+                code="invalid_request",
+            )
+        pins: dict[str, str | None] = dict(model_versions or {})
+        own = self.model or DEFAULT_MODEL
+        if own in models and not pins.get(own):
+            pins[own] = self.model_version
+        return Query.of(models, pins)

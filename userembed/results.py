@@ -1,19 +1,23 @@
-"""What a read returns: one user's :class:`Embedding`, and a :class:`Batch` of them in
-request order with the vectors as one matrix."""
+"""What a read returns: one user's :class:`Embedding`, a :class:`Batch` of them in
+request order with the vectors as one matrix, a :class:`ModelBatches` (one batch per
+model) when a read names several models, and the served models' :class:`ModelInfo`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, get_args, overload
 
 import numpy as np
 import numpy.typing as npt
 
-from userembed.errors import NotFound, VersionMismatch
+from userembed.errors import NotFound, ServerError, VersionMismatch
 
 Status = Literal["fresh", "stale", "cold_start", "not_found", "version_mismatch"]
 STATUSES: Final[tuple[Status, ...]] = get_args(Status)
+ColdStartStatus = Literal["available", "unavailable", "disabled"]
+COLD_START_STATUSES: Final[tuple[ColdStartStatus, ...]] = get_args(ColdStartStatus)
+DEFAULT_MODEL: Final = "default"  # the model a read that names none gets (the server's)
 Vector = npt.NDArray[np.float32]
 
 
@@ -25,7 +29,8 @@ class Embedding:
     ``status``: ``fresh``; ``stale`` (older than the server's ``refresh_after_s``: served,
     and a refresh requested); ``cold_start`` (no embedding yet: the model's cold-start
     vector, ``computed_at``/``staleness_ms`` None). ``space_version`` is the space the
-    vector is in (what ``model_version=`` pins); ``model_version`` the model that made it.
+    vector is in (what ``model_version=`` pins); ``model_version`` the model version that
+    made it; ``model`` the served model it is of (``"default"`` unless the read named one).
     """
 
     user_id: str
@@ -36,6 +41,7 @@ class Embedding:
     computed_at: int | None = None
     feature_version: int | None = None
     staleness_ms: int | None = None
+    model: str = DEFAULT_MODEL
 
     @property
     def dim(self) -> int | None:
@@ -103,22 +109,106 @@ class Batch(Sequence[Embedding]):
         return out
 
 
+class ModelBatches(Mapping[str, Batch]):
+    """``get_many(user_ids, models=[...])``'s answer: one :class:`Batch` per model, in the
+    order of ``models``, each with one answer per requested id in request order.
+
+    Indexed by model, then user: ``batches["clicks"].matrix()`` is the clicks model's
+    ``(n, dim)`` matrix (models may differ in dimension), ``batches["clicks"][i]`` user
+    ``i``'s answer of it; :meth:`user` gives one user's answers by model.
+    """
+
+    __slots__ = ("_batches", "user_ids")
+
+    def __init__(self, user_ids: Sequence[str], batches: Mapping[str, Batch]) -> None:
+        self.user_ids = list(user_ids)
+        self._batches = dict(batches)
+
+    @classmethod
+    def from_answers(
+        cls, user_ids: Sequence[str], models: Sequence[str], answers: Sequence[Embedding]
+    ) -> ModelBatches:
+        """From the server's user-major answers (each user's answer of each model in turn);
+        ServerError when they are not that."""
+        step = len(models)
+        if len(answers) != len(user_ids) * step:
+            raise ServerError(
+                f"{len(answers)} answers for {len(user_ids)} users x {step} models",
+                code="bad_answer",
+            )
+        batches = {model: Batch(answers[j::step]) for j, model in enumerate(models)}
+        for model, batch in batches.items():
+            for user_id, answer in zip(user_ids, batch, strict=True):
+                if (answer.model, answer.user_id) != (model, user_id):
+                    raise ServerError(
+                        f"answer of {answer.user_id!r} in model {answer.model!r} where "
+                        f"{user_id!r} in {model!r} was expected",
+                        code="bad_answer",
+                    )
+        return cls(user_ids, batches)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(self._batches)
+
+    def __getitem__(self, model: str) -> Batch:
+        return self._batches[model]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __repr__(self) -> str:
+        return f"ModelBatches({len(self.user_ids)} users x models {list(self._batches)})"
+
+    def user(self, index: int) -> dict[str, Embedding]:
+        """The answers of the ``index``-th requested user (request order), by model."""
+        return {model: batch[index] for model, batch in self._batches.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A served model, as ``list_models`` reports it: its ``name`` (what ``model=``
+    names), the ``version`` whose cold start the server loaded, the ``space_version`` it
+    serves (what pins name), ``dim``, the stored ``dtype``, its ``input_schema_hash``,
+    and ``cold_start``: ``available``, ``unavailable`` (users without an embedding are
+    ``not_found``) or ``disabled``. Fields the server does not know yet are None."""
+
+    name: str
+    version: str | None
+    space_version: str | None
+    dim: int | None
+    dtype: str
+    input_schema_hash: str | None
+    cold_start: ColdStartStatus
+
+
 def single(embedding: Embedding, pin: str | None) -> Embedding:
     """A batch answer as a single get would give it: ``not_found`` and
-    ``version_mismatch`` raise (the server's 404 and 409), anything else is returned."""
+    ``version_mismatch`` raise (the server's 404 and 409, in its words), anything else
+    is returned."""
     if embedding.status == "not_found":
         space = f" in space {pin!r}" if pin else ""
         raise NotFound(
-            f"no embedding of {embedding.user_id!r}{space} yet; a refresh was requested",
+            f"no {_noun(embedding.model)} of {embedding.user_id!r}{space} yet; "
+            "a refresh was requested",
             code="not_found",
         )
     if embedding.status == "version_mismatch":
         raise VersionMismatch(
-            f"the embedding of {embedding.user_id!r} is in space {embedding.space_version!r} "
-            f"(model {embedding.model_version!r}), not the requested {pin!r}",
+            f"the {_noun(embedding.model)} of {embedding.user_id!r} is in space "
+            f"{embedding.space_version!r} (model {embedding.model_version!r}), "
+            f"not the requested {pin!r}",
             code="version_mismatch",
         )
     return embedding
+
+
+def _noun(model: str) -> str:
+    """The server's noun: "embedding", or "'clicks' embedding" for a named model."""
+    return "embedding" if model == DEFAULT_MODEL else f"{model!r} embedding"
 
 
 def stack_vectors(chunks: Sequence[bytes], dtype: str) -> list[Vector]:

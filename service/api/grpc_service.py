@@ -4,7 +4,8 @@
 standard health service and server reflection. Vectors travel as packed
 little-endian bytes. API keys are checked from the ``authorization: Bearer <key>``
 metadata (exactly one: two are INVALID_ARGUMENT); a request id is taken from
-``x-request-id`` (or made) and returned in the trailing metadata. Messages are bounded
+``x-request-id`` (or made) and returned in the trailing metadata, with a failure's error
+code (``userembed-error-code``: ``unknown_model``, ``not_found``, ...). Messages are bounded
 both ways (:func:`server_options`): a larger one is RESOURCE_EXHAUSTED, for that call only.
 """
 
@@ -44,6 +45,7 @@ _BATCH: Final = f"/{SERVICE_NAME}/BatchGetEmbeddings"
 _MODELS: Final = f"/{SERVICE_NAME}/ListModels"
 _HEALTH_CHECK: Final = "/grpc.health.v1.Health/"
 _REFLECTION: Final = "/grpc.reflection."
+ERROR_CODE_METADATA: Final = "userembed-error-code"  # trailing: ReadError.code of a failure
 
 GRPC_CODE: Final[dict[str, grpc.StatusCode]] = {
     "invalid_user_id": grpc.StatusCode.INVALID_ARGUMENT,
@@ -225,7 +227,10 @@ class EmbeddingsService:
                 code.name,
                 exc.message,
             )
-            await context.abort(code, exc.message)
+            # the error code rides in trailing metadata: NOT_FOUND is not_found or
+            # unknown_model, INVALID_ARGUMENT any of the 400s
+            trailer = (("x-request-id", request_id), (ERROR_CODE_METADATA, exc.code))
+            await context.abort(code, exc.message, trailer)
             raise  # abort raises; this line is never reached
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import logging
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Final, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
+from prometheus_client import Counter
 
 from models.registry import RegistryError, check_version_name
 from service.api.coalescer import ReadCoalescer
@@ -43,7 +45,7 @@ Encoding = Literal["json", "base64_float16", "base64_float32"]
 ENCODINGS: Final[tuple[str, ...]] = get_args(Encoding)
 DEFAULT_ONLY: Final[tuple[str, ...]] = (DEFAULT_MODEL,)
 
-_SERVED: Final = {status: API_SERVED.labels(status) for status in get_args(Status)}
+_STATUSES: Final[tuple[Status, ...]] = get_args(Status)
 _STALENESS_SAMPLE: Final = 16
 
 
@@ -236,7 +238,7 @@ class EmbeddingReader:
         answer = self._answer(user_id, model, record, self._clock(), pin, refresh)
         if refresh:
             self.refresher.request(refresh)
-        _count((answer,))
+        _count((answer,), (model,))
         if answer.status == "not_found":
             space = f" in space {pin!r}" if pin else ""
             raise ReadError(
@@ -280,7 +282,7 @@ class EmbeddingReader:
         ]
         if refresh:
             self.refresher.request(refresh)
-        _count(answers)
+        _count(answers, models)
         return answers
 
     def _check_served(self, models: Iterable[str]) -> None:
@@ -433,16 +435,25 @@ def _embedding(model: str) -> str:
     return "embedding" if model == DEFAULT_MODEL else f"{model!r} embedding"
 
 
-def _count(answers: Sequence[Answer]) -> None:
-    """Served-embedding metrics: one counter increment per status; the staleness of the
-    stored embeddings served, from at most ``_STALENESS_SAMPLE`` evenly spaced answers of
-    a batch (each observation takes two locks: all 1,000 of a batch would be ~10% of it)."""
-    counts = dict.fromkeys(_SERVED, 0)
-    for answer in answers:
-        counts[answer.status] += 1
+@functools.cache
+def _served(model: str, status: Status) -> Counter:
+    """The served-embeddings counter of (``model``, ``status``), looked up once."""
+    return API_SERVED.labels(model, status)
+
+
+def _count(answers: Sequence[Answer], models: Sequence[str]) -> None:
+    """Served-embedding metrics of ``answers`` (user-major over ``models``): one counter
+    increment per (model, status); the staleness of the stored embeddings served, from at
+    most ``_STALENESS_SAMPLE`` evenly spaced answers of a batch (each observation takes
+    two locks: all 1,000 of a batch would be ~10% of it)."""
+    step = len(models)
+    for first, model in enumerate(models):
+        counts = dict.fromkeys(_STATUSES, 0)
+        for answer in answers[first::step]:
+            counts[answer.status] += 1
+        for status, count in counts.items():
+            if count:
+                _served(model, status).inc(count)
     for answer in answers[:: max(1, len(answers) // _STALENESS_SAMPLE)]:
         if answer.staleness_ms is not None and answer.vector is not None:
             API_SERVED_STALENESS.observe(answer.staleness_ms / 1000)
-    for status, count in counts.items():
-        if count:
-            _SERVED[status].inc(count)

@@ -96,13 +96,18 @@ def load_bench_model(config: WorkerBenchConfig, threads: int | None = None) -> S
 
 
 def _stage_totals() -> dict[str, tuple[float, float]]:
-    """(sum seconds, count) of each stage histogram so far."""
-    totals = {}
-    for stage in STAGES:
-        labels = {"stage": stage}
-        total = REGISTRY.get_sample_value("userembed_worker_stage_seconds_sum", labels) or 0.0
-        count = REGISTRY.get_sample_value("userembed_worker_stage_seconds_count", labels) or 0.0
-        totals[stage] = (total, count)
+    """(sum seconds, count) of each stage histogram so far, over every model."""
+    totals = dict.fromkeys(STAGES, (0.0, 0.0))
+    for family in REGISTRY.collect():
+        if family.name != "userembed_worker_stage_seconds":
+            continue
+        for sample in family.samples:
+            stage = sample.labels.get("stage", "")
+            total, count = totals.get(stage, (0.0, 0.0))
+            if sample.name.endswith("_sum"):
+                totals[stage] = (total + sample.value, count)
+            elif sample.name.endswith("_count"):
+                totals[stage] = (total, count + sample.value)
     return totals
 
 

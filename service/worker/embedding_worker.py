@@ -81,10 +81,11 @@ class WorkerConfig:
 
 
 @contextmanager
-def _stage(name: str) -> Iterator[None]:
+def _stage(name: str, model: str = "") -> Iterator[None]:
+    """Time one stage of a batch: of one model, or (``model=""``) shared by all."""
     started = time.perf_counter()
     yield
-    WORKER_STAGE_SECONDS.labels(name).observe(time.perf_counter() - started)
+    WORKER_STAGE_SECONDS.labels(model, name).observe(time.perf_counter() - started)
 
 
 @dataclass(slots=True)
@@ -141,8 +142,8 @@ class EmbeddingWorker:
         old = self._models.get(name)
         self._models = {**self._models, name: model}
         if old is not None:
-            self._export_model_info(old, 0)
-        self._export_model_info(model, 1)
+            self._export_model_info(name, old, 0)
+        self._export_model_info(name, model, 1)
         log.info(
             "event=model_swapped model=%s from=%s to=%s space=%s provider=%s",
             name,
@@ -161,12 +162,13 @@ class EmbeddingWorker:
         if not models:
             raise ValueError(f"cannot retire {name!r}: it is the only model served")
         self._models = models
-        self._export_model_info(old, 0)
+        self._export_model_info(name, old, 0)
         log.info("event=model_retired model=%s version=%s", name, old.version)
 
     @staticmethod
-    def _export_model_info(model: ServingModel, value: int) -> None:
+    def _export_model_info(name: str, model: ServingModel, value: int) -> None:
         labels = (
+            name,
             model.version,
             model.space_version,
             model.runtime.provider,
@@ -207,7 +209,8 @@ class EmbeddingWorker:
         }
         if len(batch.users) < len(user_ids):
             # Refreshes asked for by readers of users we have never seen an event for.
-            WORKER_SKIPPED.labels("no_features").inc(len(user_ids) - len(batch.users))
+            for name in names:
+                WORKER_SKIPPED.labels(name, "no_features").inc(len(user_ids) - len(batch.users))
         if batch.users:
             batch.now_ms = self._clock()
             with _stage("assemble"):
@@ -227,21 +230,25 @@ class EmbeddingWorker:
         failures: list[BaseException] = []
         for name, model in batch.models.items():
             try:
-                batch.records[name] = self._compute_model(batch, model, batch.previous[name])
+                batch.records[name] = self._compute_model(batch, name, model, batch.previous[name])
             except Exception as exc:
                 failures.append(exc)
-                WORKER_SKIPPED.labels("model_failed").inc(len(batch.users))
+                WORKER_SKIPPED.labels(name, "model_failed").inc(len(batch.users))
                 log.exception("event=worker_model_failed model=%s version=%s", name, model.version)
         if len(failures) == len(batch.models):
             raise failures[0]
 
     def _compute_model(
-        self, batch: _Batch, model: ServingModel, previous: list[EmbeddingRecord | None]
+        self,
+        batch: _Batch,
+        name: str,
+        model: ServingModel,
+        previous: list[EmbeddingRecord | None],
     ) -> dict[str, EmbeddingRecord]:
         now = batch.now_ms
-        with _stage("infer"):
+        with _stage("infer", name):
             fresh = model.embed(batch.tensors[model.runtime.schema.digest()])
-        with _stage("stabilize"):
+        with _stage("stabilize", name):
             served = self._stabilize(model, fresh, previous, now)
         vectors = served.astype(np.dtype(self._config.dtype))
         return {
@@ -289,8 +296,10 @@ class EmbeddingWorker:
         written = {user_id for records in batch.records.values() for user_id in records}
         for user_id in written:
             WORKER_EMBEDDING_STALENESS.observe(max(0, written_at - batch.claimed[user_id]) / 1e3)
-        count = sum(len(records) for records in batch.records.values())
-        WORKER_EMBEDDINGS.inc(count)
+        count = 0
+        for name, records in batch.records.items():
+            WORKER_EMBEDDINGS.labels(name).inc(len(records))
+            count += len(records)
         self.embedded_total += count
         return count
 

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from models.registry import MANIFEST_FILE, current_version
+from models.registry import MANIFEST_FILE, MODELS_DIR, current_version
 from service.core.clock import Clock, now_ms, sleep_unless_stopped
 from service.core.model_names import DEFAULT_MODEL
 from service.metrics import WORKER_MODEL_SWAPS, WORKER_REEMBED_ENQUEUED
@@ -28,13 +28,20 @@ ModelLoader = Callable[[str], ServingModel]
 
 
 class ModelWatcher:
-    """Polls ``root``'s CURRENT; returns a loaded model when it names a new version."""
+    """Polls ``root``'s CURRENT; returns a loaded model when it names a new version.
 
-    def __init__(self, root: Path, serving_version: str, load: ModelLoader) -> None:
+    ``model`` names the model in metrics and logs; by default it is read from where
+    ``root`` lies in the registry (``<registry>/_models/<name>``, else the default model).
+    """
+
+    def __init__(
+        self, root: Path, serving_version: str, load: ModelLoader, *, model: str | None = None
+    ) -> None:
         self._root = root
         self._serving = serving_version
         self._load = load
         self._refused: tuple[str, int] | None = None  # (version, manifest mtime)
+        self.model = model or model_of(root)
 
     def _manifest_mtime(self, version: str) -> int:
         try:
@@ -58,17 +65,23 @@ class ModelWatcher:
             model = await asyncio.to_thread(self._load, version)
         except Exception as exc:  # any unloadable artifact is refused, never fatal
             self._refused = mark
-            WORKER_MODEL_SWAPS.labels("refused").inc()
+            WORKER_MODEL_SWAPS.labels(self.model, "refused").inc()
             log.error(
-                "event=model_refused version=%s serving=%s reason=%r",
+                "event=model_refused model=%s version=%s serving=%s reason=%r",
+                self.model,
                 version,
                 self._serving,
                 str(exc),
             )
             return None
         self._serving = version
-        WORKER_MODEL_SWAPS.labels("swapped").inc()
+        WORKER_MODEL_SWAPS.labels(self.model, "swapped").inc()
         return model
+
+
+def model_of(root: Path) -> str:
+    """The model whose registry ``root`` is (:func:`models.registry.model_root`'s inverse)."""
+    return root.name if root.parent.name == MODELS_DIR else DEFAULT_MODEL
 
 
 async def reembed_active(
@@ -110,7 +123,7 @@ async def reembed_active(
             if record is None or record.model_version != model_version
         }
         await store.mark_dirty(todo)
-        WORKER_REEMBED_ENQUEUED.inc(len(todo))
+        WORKER_REEMBED_ENQUEUED.labels(model).inc(len(todo))
         queued += len(todo)
         start += len(users)
         if start % (50 * page) == 0:

@@ -8,6 +8,8 @@ model is published comes up on its own. The set of models follows the registry a
 time: a new model is loaded and backfilled (its active users queued at the re-embed
 rate), a retired one stops being computed, a new version of one is hot-swapped and
 re-embedded, and a model that fails to load is refused alone while the others serve.
+With ``registry_url`` (an object store) the registry is mirrored into ``registry_path``
+(:mod:`models.registry_sync`) and followed there.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import threading
 from pathlib import Path
 
 from models.registry import model_root, served_models
+from models.registry_sync import mirror_from_settings
 from service.core.clock import sleep_unless_stopped
 from service.metrics import WORKER_MODEL_SWAPS, WORKER_READY
 from service.settings import Settings
@@ -55,7 +58,10 @@ class WorkerRole:
 
     def _watcher(self, model: str, serving: ServingModel) -> ModelWatcher:
         watcher = ModelWatcher(
-            self._root(model), serving.version, lambda version: self._load(model, version)
+            self._root(model),
+            serving.version,
+            lambda version: self._load(model, version),
+            model=model,
         )
         self._watchers[model] = watcher
         return watcher
@@ -69,7 +75,7 @@ class WorkerRole:
             except Exception as exc:  # any unloadable artifact is refused, never fatal
                 if self._refused.get(name) != str(exc):
                     self._refused[name] = str(exc)
-                    WORKER_MODEL_SWAPS.labels("refused").inc()
+                    WORKER_MODEL_SWAPS.labels(name, "refused").inc()
                     log.error("event=model_refused model=%s reason=%r", name, str(exc))
             else:
                 self._refused.pop(name, None)
@@ -93,6 +99,15 @@ class WorkerRole:
         return {}
 
     async def run(self, stop: asyncio.Event) -> None:
+        mirror = mirror_from_settings(self._settings)
+        if mirror is None:
+            await self._run(stop)
+            return
+        async with asyncio.TaskGroup() as group:  # registry_url: mirrored into registry_path
+            group.create_task(mirror.follow(stop, self._settings.worker_model_poll_s))
+            group.create_task(self._run(stop))
+
+    async def _run(self, stop: asyncio.Event) -> None:
         models = await self._first_models(stop)
         if not models:
             return

@@ -22,7 +22,12 @@ DASHBOARD = ROOT / "deploy" / "k8s" / "components" / "monitoring" / "dashboards"
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 PROMETHEUS_RULE = ROOT / "deploy" / "k8s" / "components" / "monitoring" / "prometheusrule.yaml"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$__range": "1h",
+    "$model": ".*",  # the model variable's "All"
+}
 _SELECTOR = re.compile(r"\b(userembed_[a-z0-9_]+)\b(\{[^}]*\})?")
 _MATCHER = re.compile(r'(\w+)\s*(?:=~|!~|!=|=)\s*"')
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
@@ -103,6 +108,33 @@ def test_every_panel_has_a_datasource_and_queries(dashboard: dict[str, Any]) -> 
         assert len(refs) == len(set(refs))
 
 
+def _model_metrics(expr: str) -> list[str]:
+    """The metrics in ``expr`` that are labelled by model."""
+    return [m for m, _ in _SELECTOR.findall(expr) if "model" in SERIES[m]]
+
+
+def test_per_model_panels_follow_the_model_variable(dashboard: dict[str, Any]) -> None:
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    model = variables["model"]
+    assert model["type"] == "query" and model["datasource"]["uid"] == "${datasource}"
+    assert model["multi"] and model["includeAll"] and model["allValue"] == ".*"
+    (metric,) = _model_metrics(model["query"])
+    assert model["query"] == f"label_values({metric}, model)"
+    per_model = 0
+    for panel in _panels(dashboard):
+        for target in panel["targets"]:
+            expr = target["expr"]
+            metrics = _model_metrics(expr)
+            # every selector of a per-model metric filters by the variable (a shared stage
+            # has model="", which '$model|' keeps)
+            filtered = re.findall(r'\b(userembed_[a-z0-9_]+)\{model=~"\$model\|?"', expr)
+            assert sorted(filtered) == sorted(metrics), f"{panel['title']!r}: {expr}"
+            if metrics:
+                per_model += 1
+                assert "{{model}}" in target["legendFormat"], panel["title"]
+    assert per_model >= 7
+
+
 def test_dashboard_covers_what_operators_watch(dashboard: dict[str, Any]) -> None:
     exprs = " ".join(t["expr"] for p in _panels(dashboard) for t in p["targets"])
     titles = " ".join(p["title"].lower() for p in _panels(dashboard))
@@ -118,6 +150,8 @@ def test_dashboard_covers_what_operators_watch(dashboard: dict[str, Any]) -> Non
         "userembed_worker_oldest_dirty_age_seconds",
         "userembed_worker_embeddings_total",
         "userembed_worker_model_info",
+        "userembed_worker_skipped_total",
+        "userembed_worker_model_swaps_total",
     ):
         assert metric in exprs, f"the dashboard does not show {metric}"
 
@@ -162,8 +196,24 @@ def test_alert_rules_are_complete(rules: dict[str, Any]) -> None:
         "userembed_ingest_committed_offset",  # a partition not advancing (docs/failures.md)
         "userembed_ingest_dlq_blocked",  # the dead-letter topic cannot be written
         "userembed_ingest_crash_loop_partitions",  # ingest dies on a message
+        'userembed_worker_skipped_total{reason="model_failed"}',  # one model failing
     ):
         assert metric in covered, f"no alert on {metric}"
+    # an alert about a model fires per model: it keeps the model label
+    for alert in (
+        "UserembedServingStaleEmbeddings",
+        "UserembedModelSwapRefused",
+        "UserembedModelInferenceFailing",
+        "UserembedModelNotEmbedding",
+    ):
+        assert "sum by (model)" in exprs[alert], alert
+        summary = next(
+            r["annotations"]["summary"]
+            for g in rules["groups"]
+            for r in g["rules"]
+            if r["alert"] == alert
+        )
+        assert "{{ $labels.model }}" in summary, alert
 
 
 def _promtool() -> str:

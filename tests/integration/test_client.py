@@ -1,7 +1,8 @@
 """The client library against a real `userembed serve` (HTTP and gRPC) on a real
 redis-server: stored vectors, every status and error, batch splitting, deadlines,
-retries while Redis is stopped, hedging, the asyncio client and its coalescing, and
-HTTP and gRPC giving the same arrays."""
+retries while Redis is stopped, hedging, the asyncio client and its coalescing, HTTP
+and gRPC giving the same arrays, and several models: a named model's reads, reads of
+two models at once, per-model pins, unknown models and the model listing."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.registry import ModelArtifact
+from models.registry import ModelArtifact, install, model_root
+from models.standin import publish_standin
 from service.core.clock import now_ms
 from service.core.embeddings import EmbeddingRecord
 from service.store.redis import RedisStore
@@ -35,10 +37,12 @@ from userembed import (
     Client,
     DeadlineExceeded,
     InvalidRequest,
+    ModelBatches,
     NotFound,
     RetryPolicy,
     Unauthenticated,
     Unavailable,
+    UnknownModel,
     VersionMismatch,
 )
 
@@ -56,6 +60,7 @@ BATCH_ROUTE = {
     "http": "/v1/embeddings:batchGet",
     "grpc": "/userembed.v1.Embeddings/BatchGetEmbeddings",
 }
+CLICKS, CLICKS_VERSION, CLICKS_DIM = "clicks", "clicks-1", 16  # the second model
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Server:
     process: Role
     version: str
     vectors: dict[str, np.ndarray]
+    clicks: dict[str, np.ndarray]  # the clicks model's vectors
 
     def url(self, protocol: str) -> str:
         return self.http if protocol == "http" else self.grpc
@@ -93,11 +99,11 @@ def _require_redis_server() -> None:
         pytest.skip("redis-server is not installed")
 
 
-def put(redis_url: str, records: dict[str, EmbeddingRecord]) -> None:
+def put(redis_url: str, records: dict[str, EmbeddingRecord], model: str = "default") -> None:
     async def write() -> None:
         store = RedisStore(redis_url, timeout_ms=2000)
         try:
-            await store.put_embeddings(records)
+            await store.put_embeddings(records, model=model)
         finally:
             await store.close()
 
@@ -105,12 +111,15 @@ def put(redis_url: str, records: dict[str, EmbeddingRecord]) -> None:
 
 
 @contextmanager
-def serve(redis_url: str, standin: ModelArtifact, **env: str) -> Iterator[Server]:
-    """`userembed serve` on free HTTP and gRPC ports, ready."""
+def serve(
+    redis_url: str, standin: ModelArtifact, registry: Path | None = None, **env: str
+) -> Iterator[Server]:
+    """`userembed serve` on free HTTP and gRPC ports, ready; the registry is
+    ``standin``'s, or ``registry`` (where ``standin`` is the default model)."""
     http_port, grpc_port = free_port(), free_port()
     environment = {
         "USEREMBED_REDIS_URL": redis_url,
-        "USEREMBED_REGISTRY_PATH": str(standin.directory.parent),
+        "USEREMBED_REGISTRY_PATH": str(registry or standin.directory.parent),
         "USEREMBED_API_EVENTS_ENABLED": "false",
         "USEREMBED_REFRESH_AFTER_S": "3600",
         **env,
@@ -119,15 +128,28 @@ def serve(redis_url: str, standin: ModelArtifact, **env: str) -> Iterator[Server
     with userembed(*args, env=environment) as process:
         http = f"http://127.0.0.1:{http_port}"
         wait_for(lambda: httpx.get(f"{http}/readyz").status_code == 200, 60, "serve ready")
-        yield Server(http, f"grpc://127.0.0.1:{grpc_port}", process, standin.version, {})
+        yield Server(http, f"grpc://127.0.0.1:{grpc_port}", process, standin.version, {}, {})
 
 
 @pytest.fixture(scope="module")
-def server(redis_url: str, standin: ModelArtifact) -> Iterator[Server]:
-    """One server for the module, with API keys and a batch limit of MAX_IDS, and records:
-    fresh-0..11 (fresh), stale (computed two hours ago), elsewhere (in another space)."""
+def server(
+    redis_url: str, standin: ModelArtifact, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One server for the module, with API keys and a batch limit of MAX_IDS, serving the
+    stand-in as the default model and a 16-d model 'clicks', and records: fresh-0..11
+    (fresh), stale (computed two hours ago), elsewhere (in another space); of clicks:
+    fresh-0..5 and elsewhere (in space old-clicks)."""
+    registry = tmp_path_factory.mktemp("client-registry")
+    install(registry, standin)
+    publish_standin(
+        model_root(registry, CLICKS),
+        version=CLICKS_VERSION,
+        history_length=20,
+        output_dim=CLICKS_DIM,
+        seed=3,
+    )
     env = {"USEREMBED_API_KEYS": f'["{KEY}"]', "USEREMBED_BATCH_GET_MAX_IDS": str(MAX_IDS)}
-    with serve(redis_url, standin, **env) as running:
+    with serve(redis_url, standin, registry, **env) as running:
         cold = httpx.get(
             f"{running.http}/v1/users/nobody/embedding",
             headers={"authorization": f"Bearer {KEY}"},
@@ -147,6 +169,15 @@ def server(redis_url: str, standin: ModelArtifact) -> Iterator[Server]:
         cold_vector = np.asarray(cold["embedding"], dtype=np.float32)
         running.vectors["cold"] = cold_vector.astype(np.float16).astype(np.float32)
         put(redis_url, records)
+        clicks = {}
+        for user_id, space in [
+            *((f"fresh-{i}", CLICKS_VERSION) for i in range(6)),
+            ("elsewhere", "old-clicks"),
+        ]:
+            vector = rng.standard_normal(CLICKS_DIM).astype(np.float16)
+            clicks[user_id] = EmbeddingRecord(vector, CLICKS_VERSION, space, now, 3)
+            running.clicks[user_id] = vector.astype(np.float32)
+        put(redis_url, clicks, CLICKS)
         yield running
     assert running.process.returncode in (0, None), running.process.output()[-3000:]
 
@@ -210,16 +241,14 @@ def test_typed_errors_for_auth_and_bad_requests(server: Server, protocol: str) -
     with client(server, protocol) as ranker:
         with pytest.raises(InvalidRequest, match="invalid model version") as bad_pin:
             ranker.get("fresh-0", model_version="-x")
-        assert bad_pin.value.code == (
-            "invalid_model_version" if protocol == "http" else "invalid_argument"
-        )
+        assert bad_pin.value.code == "invalid_model_version"  # gRPC: its trailing metadata
         assert bad_pin.value.request_id  # the server's, for its logs
         with pytest.raises(InvalidRequest, match="invalid user_id 'a b'"):
             ranker.get("a b")  # refused before it is sent
     unsplit = Client(server.url(protocol), api_key=KEY, max_batch=1000)
     with unsplit, pytest.raises(InvalidRequest, match=f"at most {MAX_IDS} per call") as too_many:
         unsplit.get_many([f"fresh-{i}" for i in range(MAX_IDS + 1)])
-    assert too_many.value.code == ("batch_too_large" if protocol == "http" else "invalid_argument")
+    assert too_many.value.code == "batch_too_large"
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -253,6 +282,131 @@ def test_grpc_and_http_give_the_same_arrays(server: Server) -> None:
     stored = [i for i, user_id in enumerate(ids) if user_id != "nobody-5"]
     half, full = answers["grpc", "float16"].matrix(), answers["grpc", "float32"].matrix()
     np.testing.assert_array_equal(half[stored], full[stored])  # stored float16, widened exactly
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_named_model_is_read_by_name_and_pinned_on_its_own(server: Server, protocol: str) -> None:
+    with client(server, protocol) as ranker:
+        got = ranker.get("fresh-3", model=CLICKS)
+        cold = ranker.get("nobody-7", model=CLICKS)
+        with pytest.raises(VersionMismatch, match="the 'clicks' embedding of 'fresh-3'"):
+            ranker.get("fresh-3", model=CLICKS, model_version="old-clicks")
+        batch = ranker.get_many(["fresh-1", "elsewhere", "nobody-8"], model=CLICKS)
+    assert (got.model, got.status, got.dim, got.model_version) == (
+        CLICKS,
+        "fresh",
+        CLICKS_DIM,
+        CLICKS_VERSION,
+    )
+    np.testing.assert_array_equal(got.vector, server.clicks["fresh-3"])
+    assert (cold.status, cold.space_version, cold.dim) == ("cold_start", CLICKS_VERSION, 16)
+    assert batch.statuses == ["fresh", "fresh", "cold_start"]
+    assert {e.model for e in batch} == {CLICKS}
+    np.testing.assert_array_equal(
+        batch.matrix()[:2], np.stack([server.clicks["fresh-1"], server.clicks["elsewhere"]])
+    )
+    # a client of the clicks model: its calls read clicks, pinned to the client's space
+    with client(server, protocol, model=CLICKS, model_version="old-clicks") as clicks_ranker:
+        assert clicks_ranker.get("elsewhere").model == CLICKS
+        with pytest.raises(NotFound, match="no 'clicks' embedding of 'nobody-9' in space"):
+            clicks_ranker.get("nobody-9")
+        default = clicks_ranker.get("fresh-3", model="default")  # not pinned: another model
+    np.testing.assert_array_equal(default.vector, server.vectors["fresh-3"])
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_several_models_in_one_request_per_part(server: Server, protocol: str) -> None:
+    ids = ["fresh-0", "elsewhere", "nobody-10", "stale", "fresh-5"]
+    before = server.requests(protocol, BATCH_ROUTE)
+    with client(server, protocol) as ranker:
+        both = ranker.get_many(
+            ids, models=["default", CLICKS], model_versions={CLICKS: CLICKS_VERSION}
+        )
+    # MAX_IDS answers per request: 2 users x 2 models, so 3 requests for 5 users
+    assert server.requests(protocol, BATCH_ROUTE) - before == 3
+    assert isinstance(both, ModelBatches) and list(both) == ["default", CLICKS]
+    assert both.user_ids == ids
+    assert both["default"].statuses == ["fresh", "fresh", "cold_start", "stale", "fresh"]
+    assert both[CLICKS].statuses == [
+        "fresh",
+        "version_mismatch",  # in old-clicks, pinned to clicks-1
+        "cold_start",
+        "cold_start",
+        "fresh",
+    ]
+    default = both["default"].matrix()
+    assert default.shape == (5, server.vectors["fresh-0"].shape[0])
+    np.testing.assert_array_equal(default[0], server.vectors["fresh-0"])
+    clicks = both[CLICKS].matrix()
+    assert clicks.shape == (5, CLICKS_DIM) and not clicks[1].any()
+    np.testing.assert_array_equal(
+        clicks[[0, 4]], np.stack([server.clicks[u] for u in ("fresh-0", "fresh-5")])
+    )
+    first = both.user(0)
+    assert (first["default"].model, first[CLICKS].model) == ("default", CLICKS)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_an_unknown_model_is_its_own_error_and_the_listing_names_the_served(
+    server: Server, protocol: str
+) -> None:
+    with client(server, protocol) as ranker:
+        with pytest.raises(UnknownModel, match="served models: default, clicks") as caught:
+            ranker.get("fresh-0", model="views")
+        with pytest.raises(UnknownModel):
+            ranker.get_many(["fresh-0"], models=["default", "views"])
+        with pytest.raises(InvalidRequest, match="invalid model name") as bad:
+            ranker.get("fresh-0", model="no.dots")
+        listing = ranker.list_models()
+    assert caught.value.code == "unknown_model" and caught.value.attempts == 1
+    assert bad.value.code == "invalid_model"
+    assert [m.name for m in listing] == ["default", CLICKS]
+    default, clicks = listing
+    assert (default.version, default.space_version, default.cold_start) == (
+        server.version,
+        server.version,
+        "available",
+    )
+    assert (clicks.version, clicks.dim, clicks.dtype) == (CLICKS_VERSION, CLICKS_DIM, "float16")
+    assert clicks.input_schema_hash and clicks.input_schema_hash == default.input_schema_hash
+
+
+def test_both_protocols_list_the_same_models(server: Server) -> None:
+    listings = []
+    for protocol in PROTOCOLS:
+        with client(server, protocol) as ranker:
+            listings.append(ranker.list_models())
+    assert listings[0] == listings[1]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_async_client_reads_several_models_and_coalesces_per_model(
+    server: Server, protocol: str
+) -> None:
+    singles = server.requests(protocol, GET_ROUTE)
+    batches = server.requests(protocol, BATCH_ROUTE)
+    async with AsyncClient(
+        server.url(protocol), api_key=KEY, max_batch=MAX_IDS, coalesce_window_s=0.02, timeout=5
+    ) as ranker:
+        got = await asyncio.gather(
+            *(ranker.get(f"fresh-{i}", model=CLICKS) for i in range(3)),
+            *(ranker.get(f"fresh-{i}") for i in range(3)),
+        )
+        unknown = await asyncio.gather(ranker.get("fresh-0", model="views"), return_exceptions=True)
+        both = await ranker.get_many(["fresh-1", "nobody-11"], models=[CLICKS, "default"])
+        listing = await ranker.list_models()
+    for i, embedding in enumerate(got):
+        model = CLICKS if i < 3 else "default"
+        vectors = server.clicks if i < 3 else server.vectors
+        assert (embedding.user_id, embedding.model) == (f"fresh-{i % 3}", model)
+        np.testing.assert_array_equal(embedding.vector, vectors[f"fresh-{i % 3}"])
+    assert [type(e) for e in unknown] == [UnknownModel]
+    assert server.requests(protocol, GET_ROUTE) == singles  # no single GET was sent
+    # one window per model (and one for the unknown model), then the batch of two models
+    assert server.requests(protocol, BATCH_ROUTE) - batches == 2 + 1 + 1
+    assert both[CLICKS].statuses == ["fresh", "cold_start"]
+    assert both["default"].statuses == ["fresh", "cold_start"]
+    assert [m.name for m in listing] == ["default", CLICKS]
 
 
 @contextmanager
@@ -356,7 +510,7 @@ def test_retries_on_503_while_redis_is_down_then_success(standin: ModelArtifact)
 
             with Client(api.grpc, timeout=10) as ranker, pytest.raises(Unavailable) as caught:
                 ranker.get_many(["u1", "u2"])
-            assert caught.value.attempts == 3 and caught.value.code == "unavailable"
+            assert caught.value.attempts == 3 and caught.value.code == "store_unavailable"
 
             once = Client(api.http, timeout=5, retry=NO_RETRIES)
             with once, pytest.raises(Unavailable) as caught:

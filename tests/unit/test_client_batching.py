@@ -7,16 +7,19 @@ import base64
 import re
 
 import numpy as np
+import orjson
 import pytest
 
 from service.api.proto.userembed.v1 import embeddings_pb2 as pb
-from userembed.batching import check_user_id, split
+from service.core.model_names import DEFAULT_MODEL as SERVER_DEFAULT_MODEL
+from userembed.batching import check_user_id, split, users_per_request
 from userembed.errors import InvalidRequest, NotFound, ServerError, VersionMismatch
-from userembed.grpc_transport import decode_messages
-from userembed.http_transport import decode_answers, get_path
+from userembed.grpc_transport import batch_request, decode_messages, get_request
+from userembed.grpc_transport import decode_models as decode_grpc_models
+from userembed.http_transport import _Requests, decode_answers, decode_models, get_path
 from userembed.options import ClientOptions
-from userembed.results import Batch, Embedding, single
-from userembed.transport import Target
+from userembed.results import DEFAULT_MODEL, Batch, Embedding, ModelBatches, ModelInfo, single
+from userembed.transport import Query, Target
 
 VECTORS = np.array([[0.5, -1.0, 2.0], [0.25, 0.0, -3.5]], dtype=np.float16)
 
@@ -157,3 +160,157 @@ def test_a_batch_answer_as_a_single_get() -> None:
     expected = re.escape("is in space 'm1' (model 'm2'), not the requested 'm0'")
     with pytest.raises(VersionMismatch, match=expected):
         single(Embedding("c", "version_mismatch", None, "m2", "m1"), "m0")
+
+
+# -- several models ---------------------------------------------------------------------
+
+
+def test_the_default_model_is_the_servers() -> None:
+    assert DEFAULT_MODEL == SERVER_DEFAULT_MODEL
+
+
+def test_users_per_request_bound_the_answers() -> None:
+    assert [users_per_request(1000, m) for m in (1, 2, 3)] == [1000, 500, 333]
+    assert users_per_request(2, 3) == 1  # one user still goes (the server says if too many)
+
+
+def test_a_calls_model_and_pin_follow_the_clients() -> None:
+    plain, pinned = ClientOptions(), ClientOptions(model_version="d1")
+    clicks = ClientOptions(model="clicks", model_version="c1")
+    assert plain.query(None, None) == Query()  # the default model, unnamed: as before
+    assert plain.query("clicks", "c2") == Query(("clicks",), (("clicks", "c2"),))
+    assert pinned.query(None, None) == Query((), (("default", "d1"),))
+    assert pinned.query(None, "d2") == Query((), (("default", "d2"),))
+    assert pinned.query("default", None) == Query(("default",), (("default", "d1"),))
+    assert pinned.query("clicks", None) == Query(("clicks",))  # the pin is the default's
+    assert clicks.query(None, None) == Query(("clicks",), (("clicks", "c1"),))
+    assert clicks.query("default", None) == Query(("default",))
+    both = clicks.models_query(["default", "clicks"], {"default": "d1"})
+    assert both == Query(("default", "clicks"), (("default", "d1"), ("clicks", "c1")))
+    assert both.names == ("default", "clicks") and both.pin("clicks") == "c1"
+    own = clicks.models_query(["clicks"], {"clicks": "c9"})
+    assert own.pin("clicks") == "c9"  # the call's pin first
+    assert Query().names == ("default",) and Query().pin() is None
+    with pytest.raises(ValueError, match="model="):
+        ClientOptions(model="no.dots")
+    with pytest.raises(InvalidRequest, match="non-empty"):
+        plain.models_query("clicks", None)  # a string is not a list of models
+
+
+def test_http_requests_name_models_only_when_the_call_does() -> None:
+    requests = _Requests(None, "float16")
+    assert requests.query(Query()) == {"encoding": "base64_float16"}
+    assert requests.query(Query((), (("default", "d1"),))) == {
+        "encoding": "base64_float16",
+        "model_version": "d1",
+    }
+    assert requests.query(Query(("clicks",), (("clicks", "c1"),))) == {
+        "encoding": "base64_float16",
+        "model": "clicks",
+        "model_version": "c1",
+    }
+    body = orjson.loads(requests.batch_body(["u1"], Query((), (("default", "d1"),))))
+    assert body == {"user_ids": ["u1"], "encoding": "base64_float16", "model_version": "d1"}
+    body = orjson.loads(requests.batch_body(["u1"], Query(("a", "b"), (("b", "b1"),))))
+    assert body == {
+        "user_ids": ["u1"],
+        "encoding": "base64_float16",
+        "models": ["a", "b"],
+        "model_versions": {"b": "b1"},
+    }
+    assert "models" not in orjson.loads(requests.batch_body(["u1"], Query()))
+
+
+def test_grpc_requests_name_models_only_when_the_call_does() -> None:
+    f16 = pb.ENCODING_FLOAT16
+    assert get_request("u1", Query(), f16) == pb.GetEmbeddingRequest(user_id="u1", encoding=f16)
+    named = get_request("u1", Query(("clicks",), (("clicks", "c1"),)), f16)
+    assert (named.model, named.model_version) == ("clicks", "c1")
+    unnamed = batch_request(["u1"], Query((), (("default", "d1"),)), f16)
+    assert (list(unnamed.models), unnamed.model_version) == ([], "d1")
+    several = batch_request(["u1", "u2"], Query(("a", "b"), (("b", "b1"),)), f16)
+    assert list(several.models) == ["a", "b"] and dict(several.model_versions) == {"b": "b1"}
+    assert several.model_version == "" and list(several.user_ids) == ["u1", "u2"]
+
+
+def test_answers_say_their_model() -> None:
+    row = {**answer("a", "fresh", VECTORS[0]), "model": "clicks"}
+    assert [e.model for e in decode_answers([row, answer("b", "fresh", VECTORS[1])], "<f2")] == [
+        "clicks",
+        "default",
+    ]
+    messages = [pb.Embedding(user_id="a", status=pb.STATUS_NOT_FOUND, model="clicks")]
+    messages.append(pb.Embedding(user_id="b", status=pb.STATUS_NOT_FOUND))
+    assert [e.model for e in decode_messages(messages)] == ["clicks", "default"]
+
+
+def test_model_listings_decode_alike_over_both_transports() -> None:
+    http = decode_models(
+        {
+            "models": [
+                {
+                    "name": "default",
+                    "version": "v2",
+                    "space_version": "v1",
+                    "dim": 64,
+                    "dtype": "float16",
+                    "input_schema_hash": "abc",
+                    "cold_start": "available",
+                },
+                {
+                    "name": "clicks",
+                    "version": None,
+                    "space_version": None,
+                    "dim": None,
+                    "dtype": "float16",
+                    "input_schema_hash": None,
+                    "cold_start": "unavailable",
+                },
+            ]
+        }
+    )
+    grpc = decode_grpc_models(
+        pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    name="default",
+                    version="v2",
+                    space_version="v1",
+                    dim=64,
+                    dtype="float16",
+                    input_schema_hash="abc",
+                    cold_start=pb.COLD_START_AVAILABLE,
+                ),
+                pb.ModelInfo(name="clicks", dtype="float16", cold_start=pb.COLD_START_UNAVAILABLE),
+            ]
+        )
+    )
+    assert http == grpc
+    assert http[0] == ModelInfo("default", "v2", "v1", 64, "float16", "abc", "available")
+    with pytest.raises(ServerError, match="cold_start"):
+        decode_models({"models": [{"name": "x", "cold_start": "maybe"}]})
+    with pytest.raises(ServerError, match="cold_start"):
+        decode_grpc_models(pb.ListModelsResponse(models=[pb.ModelInfo(name="x")]))
+
+
+def test_answers_of_several_models_must_be_user_major() -> None:
+    def e(user_id: str, model: str) -> Embedding:
+        return Embedding(user_id, "not_found", None, None, None, model=model)
+
+    good = [e("u1", "a"), e("u1", "b"), e("u2", "a"), e("u2", "b")]
+    batches = ModelBatches.from_answers(["u1", "u2"], ["a", "b"], good)
+    assert [x.user_id for x in batches["b"]] == ["u1", "u2"]
+    with pytest.raises(KeyError):
+        batches["c"]
+    with pytest.raises(ServerError, match="in 'a' was expected"):
+        ModelBatches.from_answers(["u1", "u2"], ["a", "b"], [good[1], good[0], *good[2:]])
+    with pytest.raises(ServerError, match="3 answers for 2 users x 2 models"):
+        ModelBatches.from_answers(["u1", "u2"], ["a", "b"], good[:3])
+
+
+def test_a_named_models_batch_answer_as_a_single_get_says_its_model() -> None:
+    with pytest.raises(NotFound, match="no 'clicks' embedding of 'b' in space 'c0'"):
+        single(Embedding("b", "not_found", None, None, None, model="clicks"), "c0")
+    expected = re.escape("the 'clicks' embedding of 'c' is in space 'c1'")
+    with pytest.raises(VersionMismatch, match=expected):
+        single(Embedding("c", "version_mismatch", None, "c2", "c1", model="clicks"), "c0")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from service.api.grpc_service import GRPC_CODE
+from service.api.grpc_service import ERROR_CODE_METADATA, GRPC_CODE
 from service.api.http_reads import HTTP_STATUS
 from userembed.errors import (
     DeadlineExceeded,
@@ -15,21 +15,25 @@ from userembed.errors import (
     ServerError,
     Unauthenticated,
     Unavailable,
+    UnknownModel,
     UserembedError,
     VersionMismatch,
     error_from_grpc,
     error_from_http,
 )
+from userembed.grpc_transport import ERROR_CODE_METADATA as CLIENT_ERROR_CODE_METADATA
 from userembed.http_transport import error_of
 
 EXPECTED = {
     "invalid_user_id": InvalidRequest,
     "invalid_encoding": InvalidRequest,
     "invalid_model_version": InvalidRequest,
+    "invalid_model": InvalidRequest,
     "invalid_request": InvalidRequest,
     "batch_too_large": InvalidRequest,
     "unauthenticated": Unauthenticated,
     "not_found": NotFound,
+    "unknown_model": UnknownModel,
     "method_not_allowed": InvalidRequest,
     "version_mismatch": VersionMismatch,
     "request_too_large": InvalidRequest,
@@ -47,10 +51,17 @@ def test_every_server_error_code_has_its_class() -> None:
 
 
 def test_every_grpc_code_the_server_uses_maps_like_its_http_twin() -> None:
+    assert CLIENT_ERROR_CODE_METADATA == ERROR_CODE_METADATA
     for code, grpc_code in GRPC_CODE.items():
-        error = error_from_grpc(grpc_code.name, "why")
-        assert isinstance(error, EXPECTED[code]), code
-        assert error.code == grpc_code.name.lower()
+        # with the server's code (trailing metadata): the same class and code as HTTP
+        error = error_from_grpc(grpc_code.name, "why", code=code, request_id="r1")
+        assert type(error) is EXPECTED[code], code
+        assert (error.code, error.message, error.request_id) == (code, "why", "r1")
+        # without it (an older server, a proxy): the status decides
+        bare = error_from_grpc(grpc_code.name, "why")
+        assert bare.code == grpc_code.name.lower()
+        assert type(bare) is (NotFound if code == "unknown_model" else EXPECTED[code]), code
+    assert type(error_from_grpc("NOT_FOUND", "x", code="something_new")) is NotFound
     assert isinstance(error_from_grpc("DEADLINE_EXCEEDED", None), DeadlineExceeded)
     assert type(error_from_grpc("INTERNAL", "boom")) is ServerError
 
@@ -76,6 +87,7 @@ def test_unknown_codes_fall_back_to_the_http_status(status: int, cls: type[Usere
 
 def test_only_unavailable_is_retryable() -> None:
     classes = set(EXPECTED.values()) | {DeadlineExceeded, ServerError}
+    assert UnknownModel in classes and not issubclass(UnknownModel, NotFound)
     retryable = {cls for cls in classes if cls.retryable}
     assert retryable == {Unavailable}
 

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 from prometheus_client import REGISTRY
 
-from models.registry import ModelArtifact, install
+from models.registry import ModelArtifact, install, model_root
 from models.standin import publish_standin
 from service.api.ops_server import serve_ops
 from service.core.embeddings import EmbeddingRecord
@@ -23,9 +23,14 @@ from service.worker.serving_model import ServingModel, load_serving_model
 from tests.helpers import BASE_TS
 
 
-def refused_total() -> float:
-    value = REGISTRY.get_sample_value("userembed_worker_model_swaps_total", {"outcome": "refused"})
-    return value or 0.0
+def swaps(outcome: str, model: str = "default") -> float:
+    labels = {"model": model, "outcome": outcome}
+    return REGISTRY.get_sample_value("userembed_worker_model_swaps_total", labels) or 0.0
+
+
+def reembed_enqueued(model: str) -> float:
+    labels = {"model": model}
+    return REGISTRY.get_sample_value("userembed_worker_reembed_enqueued_total", labels) or 0.0
 
 
 def counting_loader(root: Path) -> tuple[list[str], ModelLoader]:
@@ -50,14 +55,16 @@ async def test_a_corrupted_version_is_refused_once_and_a_good_one_swapped_in(
     publish_standin(root, version="standin-2", history_length=20, seed=2)
     model_file = root / "standin-2" / "model.onnx"
     model_file.write_bytes(model_file.read_bytes()[:-10] + b"corrupted!")
-    before = refused_total()
+    before = swaps("refused")
     assert await watcher.check() is None
-    assert refused_total() == before + 1
+    assert swaps("refused") == before + 1
     assert await watcher.check() is None and calls == ["standin-2"]  # not retried
 
     publish_standin(root, version="standin-3", history_length=20, seed=3)
+    swapped = swaps("swapped")
     model = await watcher.check()
     assert model is not None and model.version == "standin-3"
+    assert swaps("swapped") == swapped + 1
     assert await watcher.check() is None
 
 
@@ -82,10 +89,11 @@ async def test_reembedding_queues_active_users_most_recent_first_once() -> None:
     done = EmbeddingRecord(np.zeros(4, np.float32), "v2", "v2", BASE_TS, 1)
     await store.put_embeddings({"u3": done})  # already embedded by the new model
     stop = asyncio.Event()
+    before = reembed_enqueued("default")
     queued = await reembed_active(
         store, "v2", rate_per_s=1e6, max_users=100, stop=stop, page=2, clock=lambda: 7
     )
-    assert queued == 4
+    assert queued == 4 and reembed_enqueued("default") == before + 4
     assert await store.pop_dirty(10) == [("u0", 7), ("u1", 7), ("u2", 7), ("u4", 7)]
     assert await reembed_active(store, "v2", rate_per_s=1e6, max_users=100, stop=stop) == 0
 
@@ -120,3 +128,20 @@ async def test_the_worker_role_waits_for_a_model_then_reports_ready(
         stop.set()
         await asyncio.wait_for(task, 10)
         server.shutdown()
+
+
+async def test_a_named_models_watcher_counts_under_its_name(
+    standin: ModelArtifact, tmp_path: Path
+) -> None:
+    root = model_root(tmp_path / "registry", "clicks")
+    install(root, standin)
+    _, load = counting_loader(root)
+    watcher = ModelWatcher(root, "standin-1", load)
+    assert watcher.model == "clicks"
+    assert ModelWatcher(tmp_path / "registry", "standin-1", load).model == "default"
+    assert ModelWatcher(root, "standin-1", load, model="likes").model == "likes"
+    publish_standin(root, version="standin-2", history_length=20, seed=2)
+    (root / "standin-2" / "model.onnx").write_bytes(b"not onnx")
+    before = (swaps("refused", "clicks"), swaps("refused"))
+    assert await watcher.check() is None
+    assert (swaps("refused", "clicks"), swaps("refused")) == (before[0] + 1, before[1])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pytest
@@ -19,6 +19,7 @@ from service.api.reads import (
     Answer,
     EmbeddingReader,
     ReadError,
+    Status,
     check_user_id,
     max_request_bytes,
     parse_encoding,
@@ -163,8 +164,8 @@ def metric(name: str, labels: dict[str, str] | None = None) -> float:
     return REGISTRY.get_sample_value(name, labels or {}) or 0.0
 
 
-def served(status: str) -> float:
-    return metric("userembed_api_embeddings_served_total", {"status": status})
+def served(status: str, model: str = DEFAULT_MODEL) -> float:
+    return metric("userembed_api_embeddings_served_total", {"model": model, "status": status})
 
 
 def reader_for(
@@ -820,3 +821,34 @@ async def test_a_store_answering_the_wrong_shape_for_several_models_is_an_error(
             reader = models_reader(WrongStore(shape), Refreshes(), cache=cache)
             with pytest.raises(ValueError, match="zip"):
                 await reader.batch_get(["u1", "u2"], models=["default", "clicks"])
+
+
+async def test_served_embeddings_are_counted_per_model_and_status() -> None:
+    store, refreshes = MemoryStore(), Refreshes()
+    await store.put_embeddings({"u1": record(), "u2": record(at=BASE_TS - REFRESH_AFTER_MS - 1)})
+    await store.put_embeddings({"u1": clicks_record(space="c0"), "u3": clicks_record()}, "clicks")
+    reader = models_reader(store, refreshes)
+    keys = [(m, s) for m in ("default", "clicks") for s in get_args(Status)]
+    before = {key: served(key[1], key[0]) for key in keys}
+
+    def delta() -> dict[tuple[str, str], float]:
+        changed = {key: served(key[1], key[0]) - before[key] for key in keys}
+        return {key: value for key, value in changed.items() if value}
+
+    await reader.batch_get(
+        ["u1", "u2", "u3", "u1"], models=["clicks", "default"], pins={"clicks": "c1"}
+    )
+    assert delta() == {
+        ("clicks", "version_mismatch"): 2,  # u1 twice, in space c0
+        ("clicks", "cold_start"): 1,  # u2
+        ("clicks", "fresh"): 1,  # u3
+        ("default", "fresh"): 2,  # u1 twice
+        ("default", "stale"): 1,  # u2
+        ("default", "cold_start"): 1,  # u3
+    }
+    await reader.get("u3", model="clicks")
+    await reader.get("u3")
+    assert delta()[("clicks", "fresh")] == 2 and delta()[("default", "cold_start")] == 2
+    await reader.batch_get(["u2", "u3"], models=["clicks"])
+    assert delta()[("clicks", "cold_start")] == 2 and delta()[("clicks", "fresh")] == 3
+    assert len(delta()) == 6  # nothing else counted

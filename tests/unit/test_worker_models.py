@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from models.registry import model_root, retire_model, served_models
 from models.standin import publish_standin
@@ -29,6 +30,10 @@ USERS = [f"u{i}" for i in range(6)]
 
 def clock() -> int:
     return NOW
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 @pytest.fixture
@@ -58,7 +63,20 @@ async def test_one_batch_writes_every_models_record_from_one_claim(registry: Pat
     models = _models(registry)
     assert list(models) == [DEFAULT_MODEL, "clicks"]
     worker = EmbeddingWorker(store, models, WorkerConfig(max_wait_ms=0), clock=clock)
+    written = "userembed_worker_embeddings_total"
+    infer = "userembed_worker_stage_seconds_count"
+    before = {m: (metric(written, model=m), metric(infer, model=m, stage="infer")) for m in models}
+    fetches = metric(infer, model="", stage="fetch")
     assert await worker.run_once() == 2 * len(USERS)
+    for name in models:  # per model, and the shared stages once
+        assert metric(written, model=name) - before[name][0] == len(USERS)
+        assert metric(infer, model=name, stage="infer") - before[name][1] == 1
+    assert metric(infer, model="", stage="fetch") - fetches == 1
+    for name, model in models.items():
+        info = {"model": name, "version": model.version, "space": model.space_version}
+        labels = {**info, "provider": model.runtime.provider}
+        labels["precision"] = model.runtime.precision
+        assert metric("userembed_worker_model_info", **labels) == 1
     states = await store.get_features(USERS)
     for name, model in models.items():
         records = await store.get_embeddings(USERS, name)
@@ -88,7 +106,11 @@ async def test_a_model_that_fails_is_skipped_alone(registry: Path) -> None:
     models = _models(registry)
     broken = {DEFAULT_MODEL: models[DEFAULT_MODEL], "clicks": _Broken(models["clicks"])}
     worker = EmbeddingWorker(store, broken, WorkerConfig(max_wait_ms=0), clock=clock)  # type: ignore[arg-type]
+    skipped = "userembed_worker_skipped_total"
+    before = [metric(skipped, model=m, reason="model_failed") for m in (DEFAULT_MODEL, "clicks")]
     assert await worker.run_once() == len(USERS)
+    after = [metric(skipped, model=m, reason="model_failed") for m in (DEFAULT_MODEL, "clicks")]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [0, len(USERS)]
     assert all(r is not None for r in await store.get_embeddings(USERS))
     assert await store.get_embeddings(USERS, "clicks") == [None] * len(USERS)
     assert (await store.dirty_stats()).depth == 0  # the batch is done, not retried forever
@@ -182,6 +204,8 @@ async def test_a_corrupted_new_model_is_refused_while_the_others_serve(registry:
     (bad / "broken-1" / "model.onnx").write_bytes(b"not onnx")
     settings = Settings(registry_path=registry, worker_model_poll_s=0.02)
     role = WorkerRole(settings, await _fed_store())
+    swaps = "userembed_worker_model_swaps_total"
+    refused = metric(swaps, model="broken", outcome="refused")
     stop = asyncio.Event()
     task = asyncio.create_task(role.run(stop))
     try:
@@ -191,6 +215,7 @@ async def test_a_corrupted_new_model_is_refused_while_the_others_serve(registry:
             await asyncio.sleep(0.02)
         assert role.worker is not None
         assert list(role.worker.models) == [DEFAULT_MODEL, "clicks"]
+        assert metric(swaps, model="broken", outcome="refused") - refused == 1
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
