@@ -76,8 +76,9 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     ml.add_argument(
         "--ml-targets-per-cut",
         type=int,
-        default=1,
-        help="SUM: rank the next K items from each cut (dense objective; 1 = next item only)",
+        default=8,
+        help="SUM: rank the next K items from each cut (dense objective, default 8; "
+        "1 = the next item only)",
     )
     ml.add_argument("--ml-epochs", type=int, default=200, help="max epochs of each model")
     ml.add_argument("--ml-patience", type=int, default=5, help="epochs without better NDCG@10")

@@ -219,3 +219,59 @@ async def test_a_corrupted_new_model_is_refused_while_the_others_serve(registry:
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_one_model_is_hot_swapped_and_a_corrupted_version_refused_while_both_serve(
+    registry: Path,
+) -> None:
+    settings = Settings(registry_path=registry, worker_model_poll_s=0.02, reembed_rate=1e6)
+    store = await _fed_store()
+    role = WorkerRole(settings, store)
+    stop = asyncio.Event()
+    task = asyncio.create_task(role.run(stop))
+    reads: list[tuple[int, int]] = []  # (default records found, clicks records found)
+
+    async def read_both() -> None:
+        while not stop.is_set():
+            found = await store.get_model_embeddings(USERS, [DEFAULT_MODEL, "clicks"])
+            reads.append(
+                (sum(r is not None for r in found[0]), sum(r is not None for r in found[1]))
+            )
+            await asyncio.sleep(0.005)
+
+    async def versions() -> tuple[set[str], set[str]]:
+        found = await store.get_model_embeddings(USERS, [DEFAULT_MODEL, "clicks"])
+        return ({r.model_version for r in found[0] if r}, {r.model_version for r in found[1] if r})
+
+    try:
+        for _ in range(500):
+            if await versions() == ({"base-1"}, {"clicks-1"}):
+                break
+            await asyncio.sleep(0.02)
+        assert await versions() == ({"base-1"}, {"clicks-1"})
+        reader = asyncio.create_task(read_both())
+        # a new version of one model: swapped and re-embedded alone
+        publish_standin(
+            model_root(registry, "clicks"), version="clicks-2", history_length=10, output_dim=32
+        )
+        for _ in range(500):
+            if await versions() == ({"base-1"}, {"clicks-2"}):
+                break
+            await asyncio.sleep(0.02)
+        assert await versions() == ({"base-1"}, {"clicks-2"})
+        # a corrupted version of the other: refused, both keep their models
+        publish_standin(registry, version="base-2", history_length=20)
+        (registry / "base-2" / "model.onnx").write_bytes(b"corrupted")
+        await asyncio.sleep(0.3)
+        assert role.worker is not None
+        assert {n: m.version for n, m in role.worker.models.items()} == {
+            DEFAULT_MODEL: "base-1",
+            "clicks": "clicks-2",
+        }
+        assert await versions() == ({"base-1"}, {"clicks-2"})
+        stop.set()
+        await reader
+        assert reads and all(found == (len(USERS), len(USERS)) for found in reads)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
