@@ -67,3 +67,18 @@ class Delta:
 
     def __call__(self) -> float:
         return sample(self.name, self.labels) - self.before
+
+
+# an answer's fields, in order, before there were several models: what a client that
+# never names a model still gets
+ANSWER_FIELDS_BEFORE_MODELS = [
+    "user_id",
+    "embedding",
+    "dim",
+    "model_version",
+    "space_version",
+    "computed_at",
+    "feature_version",
+    "staleness_ms",
+    "status",
+]

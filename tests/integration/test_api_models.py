@@ -26,23 +26,14 @@ from service.core.clock import now_ms
 from service.core.embeddings import EmbeddingRecord
 from service.store.redis import RedisStore
 from service.store.redis_server import free_port
+from tests.helpers import ANSWER_FIELDS_BEFORE_MODELS
 from tests.processes import Role, userembed, wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 DIMS = {"default": 8, "clicks": 16}
 VERSIONS = {"default": "base-1", "clicks": "clicks-1"}
-TODAY = [  # an answer's fields before there were several models, in order
-    "user_id",
-    "embedding",
-    "dim",
-    "model_version",
-    "space_version",
-    "computed_at",
-    "feature_version",
-    "staleness_ms",
-    "status",
-]
+TODAY = ANSWER_FIELDS_BEFORE_MODELS
 BATCH = "/v1/embeddings:batchGet"
 
 

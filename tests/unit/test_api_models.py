@@ -30,21 +30,11 @@ from service.api.reads import EmbeddingReader
 from service.core.embeddings import EmbeddingRecord
 from service.settings import Settings
 from service.store.memory import MemoryStore
-from tests.helpers import BASE_TS
+from tests.helpers import ANSWER_FIELDS_BEFORE_MODELS, BASE_TS
 
 COLD = ColdStart(np.full(4, 0.5, dtype=np.float32), "m1")
 CLICKS_COLD = ColdStart(np.full(2, -1.0, dtype=np.float32), "c2", "c1")
-TODAY = [  # the fields of an answer before there were several models, in order
-    "user_id",
-    "embedding",
-    "dim",
-    "model_version",
-    "space_version",
-    "computed_at",
-    "feature_version",
-    "staleness_ms",
-    "status",
-]
+TODAY = ANSWER_FIELDS_BEFORE_MODELS
 
 
 class Clock:
