@@ -103,7 +103,11 @@ async def reembed_active(
         f"reembed:{model_version}" if model == DEFAULT_MODEL else f"reembed:{model}:{model_version}"
     )
     if not await store.claim_job(job, ttl_ms=24 * 3_600_000):
-        log.info("event=reembed_skipped version=%s reason='another worker does it'", model_version)
+        log.info(
+            "event=reembed_skipped model=%s version=%s reason='another worker does it'",
+            model,
+            model_version,
+        )
         return 0
     queued = start = cursor = 0
     log.info(
@@ -128,7 +132,8 @@ async def reembed_active(
         start += len(users)
         if start % (50 * page) == 0:
             log.info(
-                "event=reembed_progress version=%s scanned=%d queued=%d",
+                "event=reembed_progress model=%s version=%s scanned=%d queued=%d",
+                model,
                 model_version,
                 start,
                 queued,
@@ -136,5 +141,11 @@ async def reembed_active(
         await sleep_unless_stopped(stop, len(users) / rate_per_s)
         if cursor == 0:
             break
-    log.info("event=reembed_done version=%s scanned=%d queued=%d", model_version, start, queued)
+    log.info(
+        "event=reembed_done model=%s version=%s scanned=%d queued=%d",
+        model,
+        model_version,
+        start,
+        queued,
+    )
     return queued

@@ -202,8 +202,8 @@ def test_hot_swap_under_load_loses_nothing_and_refuses_a_corrupted_version(
         for process in (worker, api):
             assert process.poll() is None, process.output()
         output = worker.output()
-        assert "event=model_refused version=standin-3" in output
-        assert "event=reembed_done version=standin-2" in output
+        assert "event=model_refused model=default version=standin-3" in output
+        assert "event=reembed_done model=default version=standin-2" in output
     records = run(_records(clean_redis, users))
     served_in = {(r.model_version, r.space_version) for r in records if r is not None}
     assert served_in == {("standin-2", "standin-1")} and None not in records
