@@ -251,7 +251,9 @@ def grpc_call(channel: grpc.aio.Channel, method: str, response: Any) -> Request:
 async def _measure(
     target: str, requests: Sequence[Request], draws: Sequence[Sequence[Any]], duration_s: float
 ) -> BenchRow:
-    """Closed loop: each task sends its next request as soon as the previous one answers."""
+    """Closed loop: each task sends its next request as soon as the previous one answers,
+    until the window ends and it has counted at least one (a stall that outlasts a short
+    window, on a loaded machine, still yields a sample instead of an empty row)."""
     start = time.perf_counter_ns()
     count_from = start + int(min(1.0, duration_s / 4) * 1e9)  # warm-up is not counted
     end = count_from + int(duration_s * 1e9)
@@ -261,7 +263,7 @@ async def _measure(
     async def run(i: int) -> None:
         request, payloads, counted = requests[i], draws[i], latencies[i]
         k = 0
-        while (t0 := time.perf_counter_ns()) < end:
+        while (t0 := time.perf_counter_ns()) < end or not counted:
             ok = await request(payloads[k % len(payloads)])
             elapsed = time.perf_counter_ns() - t0
             k += 1
