@@ -145,7 +145,8 @@ class EmbeddingWorker:
             self._export_model_info(name, old, 0)
         self._export_model_info(name, model, 1)
         log.info(
-            "event=model_swapped model=%s from=%s to=%s space=%s provider=%s",
+            "event=%s model=%s from=%s to=%s space=%s provider=%s",
+            "model_added" if old is None else "model_swapped",
             name,
             None if old is None else old.version,
             model.version,

@@ -180,7 +180,8 @@ def test_hot_swap_under_load_loses_nothing_and_refuses_a_corrupted_version(
                 parent_version="standin-1",
                 alignment_states=states,
             )
-            await until(lambda: has_logged(worker, "event=model_swapped"), "the swap")
+            swapped = "event=model_swapped model=default from=standin-1 to=standin-2"
+            await until(lambda: has_logged(worker, swapped), "the swap")
             corrupted = publish_standin(registry, version="standin-3", history_length=20, seed=3)
             corrupted.model_path.write_bytes(b"not an onnx model")
             await until(lambda: has_logged(worker, "event=model_refused"), "the refusal")
