@@ -148,7 +148,7 @@ WORKER_EMBEDDING_STALENESS = Histogram(
 )
 WORKER_MODEL_SWAPS = Counter(
     "userembed_worker_model_swaps_total",
-    "Model versions seen in the registry, by model and outcome (swapped, refused)",
+    "Model versions seen in the registry, by model and outcome (added, swapped, refused)",
     ["model", "outcome"],
 )
 WORKER_REEMBED_ENQUEUED = Counter(

@@ -409,8 +409,8 @@ class RedisStore:
         feature_keys = [layout.feature_key(u) for u in user_ids] if with_features else []
         record_keys = [layout.embedding_key(u, m) for m in models for u in user_ids]
         raws = await self._mget([*feature_keys, *record_keys])
-        states = [features_or_none(raw, k) for raw, k in zip(raws, feature_keys, strict=False)]
         start = len(feature_keys)
+        states = [features_or_none(r, k) for r, k in zip(raws[:start], feature_keys, strict=True)]
         records = [
             [
                 embedding_or_none(raw, key)

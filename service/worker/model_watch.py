@@ -32,10 +32,17 @@ class ModelWatcher:
 
     ``model`` names the model in metrics and logs; by default it is read from where
     ``root`` lies in the registry (``<registry>/_models/<name>``, else the default model).
+    With no ``serving_version`` (a model not served yet) its first CURRENT is loaded,
+    counted as ``added``.
     """
 
     def __init__(
-        self, root: Path, serving_version: str, load: ModelLoader, *, model: str | None = None
+        self,
+        root: Path,
+        serving_version: str | None,
+        load: ModelLoader,
+        *,
+        model: str | None = None,
     ) -> None:
         self._root = root
         self._serving = serving_version
@@ -74,8 +81,9 @@ class ModelWatcher:
                 str(exc),
             )
             return None
+        outcome = "added" if self._serving is None else "swapped"
         self._serving = version
-        WORKER_MODEL_SWAPS.labels(self.model, "swapped").inc()
+        WORKER_MODEL_SWAPS.labels(self.model, outcome).inc()
         return model
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from models.registry import model_root, served_models
 from models.registry_sync import mirror_from_settings
 from service.core.clock import sleep_unless_stopped
-from service.metrics import WORKER_MODEL_SWAPS, WORKER_READY
+from service.metrics import WORKER_READY
 from service.settings import Settings
 from service.store.protocol import Store
 from service.worker.embedding_worker import EmbeddingWorker, WorkerConfig
@@ -41,7 +41,6 @@ class WorkerRole:
         self.ready = threading.Event()
         self.worker: EmbeddingWorker | None = None
         self._watchers: dict[str, ModelWatcher] = {}
-        self._refused: dict[str, str] = {}  # model -> the reason its last load failed
 
     def _root(self, model: str) -> Path:
         return model_root(self._settings.registry_path, model)
@@ -56,35 +55,28 @@ class WorkerRole:
             warm_up_batches=sorted({1, settings.worker_batch_size}),
         )
 
-    def _watcher(self, model: str, serving: ServingModel) -> ModelWatcher:
-        watcher = ModelWatcher(
-            self._root(model),
-            serving.version,
-            lambda version: self._load(model, version),
-            model=model,
-        )
-        self._watchers[model] = watcher
-        return watcher
+    def _watcher(self, model: str) -> ModelWatcher:
+        """The model's registry watcher (a new one loads its CURRENT on the first check;
+        a refused version is refused once, until its manifest changes)."""
+        if model not in self._watchers:
+            self._watchers[model] = ModelWatcher(
+                self._root(model), None, lambda version: self._load(model, version), model=model
+            )
+        return self._watchers[model]
 
-    async def _load_new(self, names: list[str]) -> dict[str, ServingModel]:
-        """Load each named model; one that fails is refused alone (logged once per reason)."""
+    async def _check(self, names: list[str]) -> dict[str, ServingModel]:
+        """The models among ``names`` whose CURRENT is new and loads (each alone)."""
         loaded = {}
         for name in names:
-            try:
-                loaded[name] = await asyncio.to_thread(self._load, name)
-            except Exception as exc:  # any unloadable artifact is refused, never fatal
-                if self._refused.get(name) != str(exc):
-                    self._refused[name] = str(exc)
-                    WORKER_MODEL_SWAPS.labels(name, "refused").inc()
-                    log.error("event=model_refused model=%s reason=%r", name, str(exc))
-            else:
-                self._refused.pop(name, None)
+            model = await self._watcher(name).check()
+            if model is not None:
+                loaded[name] = model
         return loaded
 
     async def _first_models(self, stop: asyncio.Event) -> dict[str, ServingModel]:
         while not stop.is_set():
             names = served_models(self._settings.registry_path)
-            models = await self._load_new(names)
+            models = await self._check(names)
             if models:
                 return models
             root = self._settings.registry_path
@@ -112,8 +104,6 @@ class WorkerRole:
         if not models:
             return
         worker = EmbeddingWorker(self._store, models, WorkerConfig.from_settings(self._settings))
-        for name, model in models.items():
-            self._watcher(name, model)
         self.worker = worker
         self.ready.set()
         WORKER_READY.set(1)
@@ -134,7 +124,8 @@ class WorkerRole:
     async def follow_once(
         self, worker: EmbeddingWorker, group: asyncio.TaskGroup, stop: asyncio.Event
     ) -> None:
-        """One look at the registry: add new models, retire gone ones, swap new versions."""
+        """One look at the registry: retire gone models, add new ones (backfilled) and
+        swap new versions (re-embedded)."""
         try:
             names = served_models(self._settings.registry_path)
         except OSError as exc:
@@ -145,19 +136,11 @@ class WorkerRole:
                 log.error("event=retire_refused model=%s reason='the only model served'", name)
                 continue
             worker.retire(name)
-            self._watchers.pop(name, None)
-        added = await self._load_new([n for n in names if n not in worker.models])
-        for name, model in added.items():
-            worker.swap(model, name)
-            self._watcher(name, model)
+        for gone in set(self._watchers) - set(names) - set(worker.models):
+            del self._watchers[gone]
+        for name, model in (await self._check(names)).items():
+            worker.swap(model, name)  # a new name adds the model
             group.create_task(self._reembed(name, model.version, stop))
-        for name, watcher in list(self._watchers.items()):
-            if name in added:
-                continue
-            swapped = await watcher.check()
-            if swapped is not None:
-                worker.swap(swapped, name)
-                group.create_task(self._reembed(name, swapped.version, stop))
 
     async def _reembed(self, model: str, version: str, stop: asyncio.Event) -> None:
         try:
