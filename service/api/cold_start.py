@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -21,6 +21,7 @@ from models.registry import (
     served_models,
     served_space,
 )
+from service.core.embeddings import packed_vector
 from service.core.model_names import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,12 @@ class ColdStart:
     vector: npt.NDArray[np.float32]
     model_version: str
     space_version: str = ""
+    packed: bytes = field(init=False, repr=False, compare=False)  # float32, little-endian
 
     def __post_init__(self) -> None:
         if not self.space_version:
             object.__setattr__(self, "space_version", self.model_version)
+        object.__setattr__(self, "packed", packed_vector(self.vector, "float32"))
 
     @classmethod
     def from_manifest(

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from itertools import islice
 
-from service.core.embeddings import EmbeddingRecord
+from service.core.embeddings import StoredEmbedding
 from service.metrics import API_CACHE_REQUESTS
 
 _HIT = API_CACHE_REQUESTS.labels("hit")
@@ -35,14 +35,14 @@ class HotCache:
         self._ttl_ms = ttl_ms
         self._max_users = max_users
         self._now = monotonic_ms
-        self._entries: dict[Hashable, tuple[float, EmbeddingRecord]] = {}
+        self._entries: dict[Hashable, tuple[float, StoredEmbedding]] = {}
         self.hits = 0
         self.misses = 0
 
-    def get_many(self, user_ids: Sequence[Hashable]) -> list[EmbeddingRecord | None]:
+    def get_many(self, user_ids: Sequence[Hashable]) -> list[StoredEmbedding | None]:
         """Cached records (None where absent or expired), counted as hits and misses."""
         now = self._now()
-        found: list[EmbeddingRecord | None] = []
+        found: list[StoredEmbedding | None] = []
         for user_id in user_ids:
             entry = self._entries.get(user_id)
             if entry is not None and entry[0] > now:
@@ -56,7 +56,7 @@ class HotCache:
         _MISS.inc(len(found) - hits)
         return found
 
-    def put_many(self, records: Sequence[tuple[Hashable, EmbeddingRecord]]) -> None:
+    def put_many(self, records: Sequence[tuple[Hashable, StoredEmbedding]]) -> None:
         expires = self._now() + self._ttl_ms
         entries = self._entries
         for user_id, record in records:

@@ -16,6 +16,7 @@ import asyncio
 import binascii
 import functools
 import logging
+import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -31,8 +32,8 @@ from service.api.cold_start import ColdStartSource, ServedModels, as_served_mode
 from service.api.hot_cache import HotCache
 from service.api.refresh import RefreshRequester
 from service.core.clock import Clock, now_ms
-from service.core.embeddings import EmbeddingDtype, EmbeddingRecord, packed_vector
-from service.core.events import user_id_problem
+from service.core.embeddings import EmbeddingDtype, StoredEmbedding, packed_vector
+from service.core.events import USER_ID_PATTERN, user_id_problem
 from service.core.model_names import DEFAULT_MODEL, InvalidModelName, check_model_name
 from service.metrics import API_SERVED, API_SERVED_STALENESS, API_STORE_ERRORS
 from service.settings import Settings
@@ -46,6 +47,9 @@ ENCODINGS: Final[tuple[str, ...]] = get_args(Encoding)
 DEFAULT_ONLY: Final[tuple[str, ...]] = (DEFAULT_MODEL,)
 
 _STATUSES: Final[tuple[Status, ...]] = get_args(Status)
+_USER_IDS: Final = re.compile(f"(?:{USER_ID_PATTERN.pattern}\n)*")
+_LITTLE_ENDIAN: Final = {name: np.dtype(name).newbyteorder("<") for name in ("float16", "float32")}
+_ITEMSIZE: Final = {name: dtype.itemsize for name, dtype in _LITTLE_ENDIAN.items()}
 _STALENESS_SAMPLE: Final = 16
 
 
@@ -60,12 +64,14 @@ class ReadError(Exception):
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ is ~3x slower
 class Answer:
-    """One user's answer of one model; ``vector`` is None for ``not_found`` and
+    """One user's answer of one model. ``data`` is the vector as little-endian ``dtype``
+    bytes (a stored record's bytes as stored), None for ``not_found`` and
     ``version_mismatch``."""
 
     user_id: str
     status: Status
-    vector: npt.NDArray[np.floating] | None
+    data: bytes | None
+    dtype: EmbeddingDtype
     model_version: str | None
     space_version: str | None
     computed_at: int | None = None
@@ -74,20 +80,30 @@ class Answer:
     model: str = DEFAULT_MODEL
 
     @property
+    def vector(self) -> npt.NDArray[np.floating] | None:
+        """The vector, a read-only view of ``data``."""
+        return None if self.data is None else np.frombuffer(self.data, _LITTLE_ENDIAN[self.dtype])
+
+    @property
     def dim(self) -> int | None:
-        return None if self.vector is None else int(self.vector.shape[0])
+        return None if self.data is None else len(self.data) // _ITEMSIZE[self.dtype]
 
     def packed(self, dtype: EmbeddingDtype) -> bytes:
-        """The vector as little-endian bytes (empty when there is none)."""
-        return b"" if self.vector is None else packed_vector(self.vector, dtype)
+        """The vector as little-endian ``dtype`` bytes (empty when there is none): the
+        stored bytes themselves when ``dtype`` is the stored one."""
+        if self.data is None:
+            return b""
+        if dtype == self.dtype:
+            return self.data
+        return packed_vector(np.frombuffer(self.data, _LITTLE_ENDIAN[self.dtype]), dtype)
 
     def encoded(self, encoding: Encoding) -> npt.NDArray[np.float32] | str | None:
         """The vector for a JSON body: a float32 array (orjson writes it as numbers), or
         base64 of the packed bytes."""
-        if self.vector is None:
+        if self.data is None:
             return None
         if encoding == "json":
-            return self.vector.astype(np.float32, copy=False)
+            return np.frombuffer(self.data, _LITTLE_ENDIAN[self.dtype]).astype(np.float32)
         dtype: EmbeddingDtype = "float16" if encoding == "base64_float16" else "float32"
         return binascii.b2a_base64(self.packed(dtype), newline=False).decode("ascii")
 
@@ -151,6 +167,16 @@ def check_user_id(user_id: str) -> str:
     return user_id
 
 
+def check_user_ids(user_ids: Sequence[str]) -> None:
+    """:func:`check_user_id` of every id: one regex pass over them all when they are all
+    valid (the usual case), one by one (for the first one's reason) otherwise. The ids
+    are joined by newlines, which no valid id holds; an id holding one adds a line."""
+    joined = "\n".join(user_ids)
+    if _USER_IDS.fullmatch(joined + "\n") is None or joined.count("\n") != len(user_ids) - 1:
+        for user_id in user_ids:
+            check_user_id(user_id)
+
+
 class EmbeddingReader:
     """Store records -> answers, with refresh requests for missing or stale users.
 
@@ -185,7 +211,7 @@ class EmbeddingReader:
         self._retry_after_s = retry_after_s
         self.cache = cache
         self._clock = clock
-        self._single: dict[str, ReadCoalescer[EmbeddingRecord | None]] = {}
+        self._single: dict[str, ReadCoalescer[StoredEmbedding | None]] = {}
 
     @classmethod
     def from_settings(
@@ -270,8 +296,7 @@ class EmbeddingReader:
             raise ReadError(
                 "batch_too_large", _too_many(len(user_ids), len(models), self.max_batch)
             )
-        for user_id in user_ids:
-            check_user_id(user_id)
+        check_user_ids(user_ids)
         records = await self._records(user_ids, models)
         now = self._clock()
         refresh: list[str] = []
@@ -299,7 +324,7 @@ class EmbeddingReader:
                     f"model {model!r} is not served; served models: {', '.join(served) or 'none'}",
                 )
 
-    def _coalescer(self, model: str) -> ReadCoalescer[EmbeddingRecord | None]:
+    def _coalescer(self, model: str) -> ReadCoalescer[StoredEmbedding | None]:
         """The single-read coalescer of ``model`` (one per served model, made on first use)."""
         coalescer = self._single.get(model)
         if coalescer is None:
@@ -308,7 +333,7 @@ class EmbeddingReader:
 
     async def _records(
         self, user_ids: Sequence[str], models: Sequence[str]
-    ) -> list[list[EmbeddingRecord | None]]:
+    ) -> list[list[StoredEmbedding | None]]:
         """The records ``[model][user]``: cached ones, and the rest in one store call (a
         user missing from the cache in any model is read in every model)."""
         if self.cache is None:
@@ -318,7 +343,7 @@ class EmbeddingReader:
         missing = [i for i in range(len(user_ids)) if any(r[i] is None for r in records)]
         if missing:
             fetched = await self._fetch([user_ids[i] for i in missing], models)
-            found: list[tuple[Hashable, EmbeddingRecord]] = []
+            found: list[tuple[Hashable, StoredEmbedding]] = []
             for model, cached, read in zip(models, records, fetched, strict=True):
                 for i, record in zip(missing, read, strict=True):
                     cached[i] = record
@@ -329,13 +354,13 @@ class EmbeddingReader:
 
     async def _fetch_model(
         self, model: str, user_ids: Sequence[str]
-    ) -> list[EmbeddingRecord | None]:
+    ) -> list[StoredEmbedding | None]:
         (records,) = await self._fetch(user_ids, (model,))
         return records
 
     async def _fetch(
         self, user_ids: Sequence[str], models: Sequence[str]
-    ) -> list[list[EmbeddingRecord | None]]:
+    ) -> list[list[StoredEmbedding | None]]:
         """One bounded store call for ``[model][user]`` records: a slow or absent store is
         a ``store_unavailable`` ReadError (one per failed call, shared by the coalesced
         callers), never a hang."""
@@ -362,7 +387,7 @@ class EmbeddingReader:
         self,
         user_id: str,
         model: str,
-        record: EmbeddingRecord | None,
+        record: StoredEmbedding | None,
         now: int,
         pin: str | None,
         refresh: list[str],
@@ -370,7 +395,7 @@ class EmbeddingReader:
         """The answer for one user and model; users to refresh (missing or stale) go to
         ``refresh`` (a refresh recomputes every model of the user)."""
         if record is not None:
-            staleness = record.staleness_ms(now)
+            staleness = max(0, now - record.computed_at_ms)
             status: Status = "fresh" if staleness <= self._refresh_after_ms else "stale"
             if status == "stale":
                 refresh.append(user_id)
@@ -379,7 +404,8 @@ class EmbeddingReader:
             return Answer(
                 user_id,
                 status,
-                None if status == "version_mismatch" else record.vector,
+                None if status == "version_mismatch" else record.packed,
+                record.dtype,
                 record.model_version,
                 record.space_version,
                 record.computed_at_ms,
@@ -390,9 +416,15 @@ class EmbeddingReader:
         refresh.append(user_id)
         cold = None if self._cold_start_404 else self.models.cold_start(model)
         if cold is None or (pin is not None and cold.space_version != pin):
-            return Answer(user_id, "not_found", None, None, None, model=model)
+            return Answer(user_id, "not_found", None, "float32", None, None, model=model)
         return Answer(
-            user_id, "cold_start", cold.vector, cold.model_version, cold.space_version, model=model
+            user_id,
+            "cold_start",
+            cold.packed,
+            "float32",
+            cold.model_version,
+            cold.space_version,
+            model=model,
         )
 
 
@@ -455,5 +487,5 @@ def _count(answers: Sequence[Answer], models: Sequence[str]) -> None:
             if count:
                 _served(model, status).inc(count)
     for answer in answers[:: max(1, len(answers) // _STALENESS_SAMPLE)]:
-        if answer.staleness_ms is not None and answer.vector is not None:
+        if answer.staleness_ms is not None and answer.data is not None:
             API_SERVED_STALENESS.observe(answer.staleness_ms / 1000)

@@ -1,4 +1,10 @@
-"""The embedding record the worker writes and the API serves, with its binary codec."""
+"""The embedding record the worker writes and the API serves, with its binary codec.
+
+Two views of one stored record: :class:`EmbeddingRecord` (the vector as an array: what
+the worker computes and stabilizes) and :class:`StoredEmbedding` (the vector still
+packed: what the read path serves, so a reader asking for the stored dtype gets the
+stored bytes without a decode and re-encode per user).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +20,9 @@ EmbeddingDtype = Literal["float16", "float32"]
 LAYOUT_VERSION: Final = 1
 _MAGIC: Final = b"UE"
 _DTYPE_CODES: Final[dict[str, int]] = {"float16": 1, "float32": 2}
-_CODE_DTYPES: Final = {code: name for name, code in _DTYPE_CODES.items()}
+_CODE_DTYPES: Final[dict[int, EmbeddingDtype]] = {1: "float16", 2: "float32"}
 _LITTLE_ENDIAN: Final = {name: np.dtype(name).newbyteorder("<") for name in _DTYPE_CODES}
+_ITEMSIZE: Final[dict[str, int]] = {name: np.dtype(name).itemsize for name in _DTYPE_CODES}
 # magic, layout, dtype code, dim, feature_version, computed_at_ms, len(model), len(space)
 _HEADER: Final = struct.Struct("<2sBBHQqBB")
 
@@ -74,8 +81,43 @@ def encode_embedding(record: EmbeddingRecord) -> bytes:
     return b"".join((header, model, space, vector))
 
 
-def decode_embedding(data: bytes) -> EmbeddingRecord:
-    """Inverse of :func:`encode_embedding`; raise :class:`EmbeddingDecodeError` when unreadable."""
+@dataclass(slots=True)  # not frozen: one is built per user read (frozen __init__ is ~3x slower)
+class StoredEmbedding:
+    """A stored record with its vector still packed: ``packed`` is little-endian ``dtype``
+    bytes, exactly as stored. Treat it as immutable."""
+
+    packed: bytes
+    dtype: EmbeddingDtype
+    model_version: str
+    space_version: str
+    computed_at_ms: int
+    feature_version: int
+
+    @property
+    def dim(self) -> int:
+        return len(self.packed) // _ITEMSIZE[self.dtype]
+
+    @property
+    def vector(self) -> npt.NDArray[np.floating]:
+        """The vector, a read-only view of ``packed``."""
+        return np.frombuffer(self.packed, dtype=_LITTLE_ENDIAN[self.dtype])
+
+    def staleness_ms(self, now_ms: int) -> int:
+        return max(0, now_ms - self.computed_at_ms)
+
+    def record(self) -> EmbeddingRecord:
+        return EmbeddingRecord(
+            self.vector,
+            self.model_version,
+            self.space_version,
+            self.computed_at_ms,
+            self.feature_version,
+        )
+
+
+def read_embedding(data: bytes) -> StoredEmbedding:
+    """The stored record ``data``, its vector left packed; raise
+    :class:`EmbeddingDecodeError` when unreadable."""
     if len(data) < _HEADER.size:
         raise EmbeddingDecodeError(f"embedding record too short ({len(data)} bytes)")
     magic, layout, code, dim, feature_version, computed_at, n_model, n_space = _HEADER.unpack_from(
@@ -87,20 +129,21 @@ def decode_embedding(data: bytes) -> EmbeddingRecord:
         raise EmbeddingDecodeError(
             f"unsupported embedding layout v{layout} (this build reads v{LAYOUT_VERSION})"
         )
-    if code not in _CODE_DTYPES:
+    dtype = _CODE_DTYPES.get(code)
+    if dtype is None:
         raise EmbeddingDecodeError(f"unknown embedding dtype code {code}")
-    dtype = _LITTLE_ENDIAN[_CODE_DTYPES[code]]
     pos = _HEADER.size
-    expected = pos + n_model + n_space + dim * dtype.itemsize
+    vector_at = pos + n_model + n_space
+    expected = vector_at + dim * _ITEMSIZE[dtype]
     if len(data) != expected:
         raise EmbeddingDecodeError(f"embedding record is {len(data)} bytes, expected {expected}")
-    model = data[pos : pos + n_model].decode()
-    space = data[pos + n_model : pos + n_model + n_space].decode()
-    vector = np.frombuffer(data, dtype=dtype, count=dim, offset=pos + n_model + n_space)
-    return EmbeddingRecord(
-        vector=vector,
-        model_version=model,
-        space_version=space,
-        computed_at_ms=computed_at,
-        feature_version=feature_version,
-    )
+    try:
+        model, space = data[pos : pos + n_model].decode(), data[pos + n_model : vector_at].decode()
+    except UnicodeDecodeError as exc:
+        raise EmbeddingDecodeError(f"embedding record's versions are not UTF-8: {exc}") from None
+    return StoredEmbedding(data[vector_at:], dtype, model, space, computed_at, feature_version)
+
+
+def decode_embedding(data: bytes) -> EmbeddingRecord:
+    """Inverse of :func:`encode_embedding`; raise :class:`EmbeddingDecodeError` when unreadable."""
+    return read_embedding(data).record()

@@ -46,13 +46,14 @@ def job_key(name: str) -> str:
 class KeyLayout:
     """Key names for ``shards`` shards; the one place a key name is built."""
 
-    __slots__ = ("_tags", "shards")
+    __slots__ = ("_tag_bytes", "_tags", "shards")
 
     def __init__(self, shards: int) -> None:
         if not 1 <= shards <= MAX_SHARDS:
             raise ValueError(f"shards must be in 1..{MAX_SHARDS}, got {shards}")
         self.shards = shards
         self._tags = [f"{{{s}}}" for s in range(shards)]
+        self._tag_bytes = [tag.encode() for tag in self._tags]
 
     def shard(self, user_id: str) -> int:
         return zlib.crc32(user_id.encode()) % self.shards
@@ -63,6 +64,16 @@ class KeyLayout:
     def embedding_key(self, user_id: str, model: str = DEFAULT_MODEL) -> str:
         prefix = "ue" if model == DEFAULT_MODEL else f"ue.{model}"
         return f"{prefix}:{self._tags[self.shard(user_id)]}:{user_id}"
+
+    def embedding_keys(self, user_ids: Iterable[str], model: str = DEFAULT_MODEL) -> list[bytes]:
+        """:meth:`embedding_key` of each user, as bytes: the keys of a bulk read (bytes are
+        what redis-py sends, so it skips encoding each key, and the id is encoded once)."""
+        prefix = b"ue:" if model == DEFAULT_MODEL else f"ue.{model}:".encode()
+        tags, shards, crc32 = self._tag_bytes, self.shards, zlib.crc32
+        return [
+            b"".join((prefix, tags[crc32(raw) % shards], b":", raw))
+            for raw in (user_id.encode() for user_id in user_ids)
+        ]
 
     def dirty_key(self, shard: int) -> str:
         return f"userembed:{self._tags[shard]}:dirty"

@@ -6,7 +6,7 @@ import heapq
 from collections.abc import Mapping, Sequence
 
 from service.core.clock import now_ms
-from service.core.embeddings import EmbeddingRecord, encode_embedding
+from service.core.embeddings import EmbeddingRecord, StoredEmbedding, encode_embedding
 from service.core.features import (
     VERSION_OFFSET,
     VERSION_SIZE,
@@ -16,7 +16,7 @@ from service.core.features import (
 )
 from service.core.model_names import DEFAULT_MODEL
 from service.store.protocol import RECLAIM_PER_CALL, DirtyStats, ModelRecords
-from service.store.records import embedding_or_none, features_or_none
+from service.store.records import embedding_or_none, features_or_none, stored_or_none
 
 
 def _stored_version(record: bytes) -> bytes:
@@ -65,12 +65,12 @@ class MemoryStore:
 
     async def get_embeddings(
         self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
-    ) -> list[EmbeddingRecord | None]:
-        return [embedding_or_none(self._embeddings.get((model, u)), u) for u in user_ids]
+    ) -> list[StoredEmbedding | None]:
+        return [stored_or_none(self._embeddings.get((model, u)), u) for u in user_ids]
 
     async def get_model_embeddings(
         self, user_ids: Sequence[str], models: Sequence[str]
-    ) -> list[list[EmbeddingRecord | None]]:
+    ) -> list[list[StoredEmbedding | None]]:
         return [await self.get_embeddings(user_ids, model) for model in models]
 
     async def put_embeddings(
@@ -82,7 +82,11 @@ class MemoryStore:
     async def get_features_and_embeddings(
         self, user_ids: Sequence[str], models: Sequence[str] = (DEFAULT_MODEL,)
     ) -> tuple[list[FeatureState | None], list[list[EmbeddingRecord | None]]]:
-        return await self.get_features(user_ids), await self.get_model_embeddings(user_ids, models)
+        records = [
+            [embedding_or_none(self._embeddings.get((model, u)), u) for u in user_ids]
+            for model in models
+        ]
+        return await self.get_features(user_ids), records
 
     async def write_and_release(
         self, token: str, records: ModelRecords, claimed: Mapping[str, int]

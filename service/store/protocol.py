@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from service.core.embeddings import EmbeddingRecord
+from service.core.embeddings import EmbeddingRecord, StoredEmbedding
 from service.core.features import FeatureState
 from service.core.model_names import DEFAULT_MODEL
 
@@ -59,11 +59,13 @@ class Store(Protocol):
 
     async def get_embeddings(
         self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
-    ) -> list[EmbeddingRecord | None]: ...
+    ) -> list[StoredEmbedding | None]:
+        """The users' records of ``model``, as stored (vectors left packed: the read path
+        serves them as they are)."""
 
     async def get_model_embeddings(
         self, user_ids: Sequence[str], models: Sequence[str]
-    ) -> list[list[EmbeddingRecord | None]]:
+    ) -> list[list[StoredEmbedding | None]]:
         """Every user's record of every model, ``[model][user]``, in one round trip (per
         node): all of a user's records share its shard's slot."""
 

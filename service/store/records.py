@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import logging
 
-from service.core.embeddings import EmbeddingDecodeError, EmbeddingRecord, decode_embedding
+from service.core.embeddings import (
+    EmbeddingDecodeError,
+    EmbeddingRecord,
+    StoredEmbedding,
+    read_embedding,
+)
 from service.core.features import FeatureDecodeError, FeatureState, decode_features
 
 log = logging.getLogger(__name__)
@@ -23,11 +28,19 @@ def features_or_none(raw: bytes | None, key: str) -> FeatureState | None:
         return None
 
 
-def embedding_or_none(raw: bytes | None, key: str) -> EmbeddingRecord | None:
+def embedding_or_none(raw: bytes | None, key: str | bytes) -> EmbeddingRecord | None:
+    """Decode a stored embedding for computing on (the worker); unreadable = absent."""
+    stored = stored_or_none(raw, key)
+    return None if stored is None else stored.record()
+
+
+def stored_or_none(raw: bytes | None, key: str | bytes) -> StoredEmbedding | None:
+    """Decode a stored embedding for serving (its vector left packed); unreadable = absent."""
     if raw is None:
         return None
     try:
-        return decode_embedding(raw)
+        return read_embedding(raw)
     except EmbeddingDecodeError as exc:
-        log.warning("event=unreadable_embedding key=%s reason=%r", key, str(exc))
+        shown = key.decode(errors="replace") if isinstance(key, bytes) else key
+        log.warning("event=unreadable_embedding key=%s reason=%r", shown, str(exc))
         return None

@@ -25,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.core.embeddings import EmbeddingRecord, encode_embedding
+from service.core.embeddings import EmbeddingRecord, StoredEmbedding, encode_embedding
 from service.core.features import (
     VERSION_OFFSET,
     VERSION_SIZE,
@@ -43,7 +43,7 @@ from service.store.protocol import (
     StoreMisconfigured,
     StoreUnavailable,
 )
-from service.store.records import embedding_or_none, features_or_none
+from service.store.records import embedding_or_none, features_or_none, stored_or_none
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class RedisStore:
 
     # --- plumbing: slots, shard groups ------------------------------------
 
-    async def _mget(self, keys: Sequence[str]) -> list[bytes | None]:
+    async def _mget(self, keys: Sequence[str | bytes]) -> list[bytes | None]:
         with self._errors():
             if len(keys) == 1:
                 return [cast(bytes | None, await self._client.get(keys[0]))]
@@ -368,18 +368,18 @@ class RedisStore:
 
     async def get_embeddings(
         self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
-    ) -> list[EmbeddingRecord | None]:
+    ) -> list[StoredEmbedding | None]:
         if not user_ids:
             return []
-        keys = [self._layout.embedding_key(u, model) for u in user_ids]
+        keys = self._layout.embedding_keys(user_ids, model)
         raws = await self._mget(keys)
-        return [embedding_or_none(raw, key) for raw, key in zip(raws, keys, strict=True)]
+        return [stored_or_none(raw, key) for raw, key in zip(raws, keys, strict=True)]
 
     async def get_model_embeddings(
         self, user_ids: Sequence[str], models: Sequence[str]
-    ) -> list[list[EmbeddingRecord | None]]:
-        _, records = await self._read(user_ids, models, with_features=False)
-        return records
+    ) -> list[list[StoredEmbedding | None]]:
+        _, groups = await self._read(user_ids, models, with_features=False)
+        return [[stored_or_none(raw, key) for raw, key in group] for group in groups]
 
     async def put_embeddings(
         self, records: Mapping[str, EmbeddingRecord], model: str = DEFAULT_MODEL
@@ -397,32 +397,24 @@ class RedisStore:
     async def get_features_and_embeddings(
         self, user_ids: Sequence[str], models: Sequence[str] = (DEFAULT_MODEL,)
     ) -> tuple[list[FeatureState | None], list[list[EmbeddingRecord | None]]]:
-        return await self._read(user_ids, models, with_features=True)
+        states, groups = await self._read(user_ids, models, with_features=True)
+        return states, [[embedding_or_none(raw, key) for raw, key in group] for group in groups]
 
     async def _read(
         self, user_ids: Sequence[str], models: Sequence[str], *, with_features: bool
-    ) -> tuple[list[FeatureState | None], list[list[EmbeddingRecord | None]]]:
-        """One MGET of the users' states (optionally) and of their records of ``models``."""
+    ) -> tuple[list[FeatureState | None], list[list[tuple[bytes | None, bytes]]]]:
+        """One MGET of the users' states (optionally) and of their records of ``models``:
+        the states, and each model's (stored bytes, key) per user, ``[model][user]``."""
         if not user_ids:
             return [], [[] for _ in models]
         layout, n = self._layout, len(user_ids)
         feature_keys = [layout.feature_key(u) for u in user_ids] if with_features else []
-        record_keys = [layout.embedding_key(u, m) for m in models for u in user_ids]
+        record_keys = [key for m in models for key in layout.embedding_keys(user_ids, m)]
         raws = await self._mget([*feature_keys, *record_keys])
         start = len(feature_keys)
         states = [features_or_none(r, k) for r, k in zip(raws[:start], feature_keys, strict=True)]
-        records = [
-            [
-                embedding_or_none(raw, key)
-                for raw, key in zip(
-                    raws[start + i * n : start + (i + 1) * n],
-                    record_keys[i * n : (i + 1) * n],
-                    strict=True,
-                )
-            ]
-            for i in range(len(models))
-        ]
-        return states, records
+        records = list(zip(raws[start:], record_keys, strict=True))
+        return states, [records[i * n : (i + 1) * n] for i in range(len(models))]
 
     async def write_and_release(
         self, token: str, records: ModelRecords, claimed: Mapping[str, int]

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from service.core.embeddings import EmbeddingRecord
+from service.core.embeddings import StoredEmbedding
 from service.core.features import FeatureState, apply_events
 from service.store.protocol import StoreMisconfigured
 from service.store.redis import RedisStore
@@ -125,7 +125,7 @@ async def test_reads_writes_and_claims_ride_through_a_slot_migration(
         got = await store.get_embeddings(users[reads % 20 :: 20])
         assert all(r is not None for r in got)
         one = await store.get_embeddings([users[reads]])
-        assert isinstance(one[0], EmbeddingRecord)
+        assert isinstance(one[0], StoredEmbedding)
         batch = await store.claim_dirty(50, token="w", now_ms=BASE_TS, lease_ms=10**9)
         seen.update(u for u, _ in batch)
         claimed += len(batch)

@@ -8,8 +8,10 @@ import pytest
 from service.core.embeddings import (
     EmbeddingDecodeError,
     EmbeddingRecord,
+    StoredEmbedding,
     decode_embedding,
     encode_embedding,
+    read_embedding,
 )
 
 
@@ -30,6 +32,30 @@ def test_round_trip_keeps_every_field(dtype: str) -> None:
         42,
         16,
     )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_stored_record_keeps_its_vector_bytes_as_stored(dtype: str) -> None:
+    original = record(dtype)
+    data = encode_embedding(original)
+    stored = read_embedding(data)
+    itemsize = np.dtype(dtype).itemsize
+    assert stored == StoredEmbedding(
+        data[len(data) - 16 * itemsize :], dtype, "v2", "v1", 1_760_000_000_123, 42
+    )
+    assert stored.packed == original.vector.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
+    assert stored.dim == 16
+    np.testing.assert_array_equal(stored.vector, original.vector)
+    assert stored.vector.dtype == np.dtype(dtype)
+    assert (stored.staleness_ms(original.computed_at_ms + 7), stored.staleness_ms(0)) == (7, 0)
+    back = stored.record()
+    assert (back.model_version, back.space_version, back.computed_at_ms, back.feature_version) == (
+        "v2",
+        "v1",
+        1_760_000_000_123,
+        42,
+    )
+    np.testing.assert_array_equal(back.vector, original.vector)
 
 
 def test_float16_record_is_header_plus_two_bytes_per_dimension() -> None:
@@ -60,8 +86,19 @@ def test_other_dtypes_are_refused() -> None:
         ),
         (lambda b: b[:3] + bytes([99]) + b[4:], "unknown embedding dtype code 99"),
         (lambda b: b[:-1], "embedding record is 59 bytes, expected 60"),
+        (
+            lambda b: b[:24] + b"\xff" + b[25:],
+            "embedding record's versions are not UTF-8: 'utf-8' codec can't decode byte 0xff "
+            "in position 0: invalid start byte",
+        ),
+        (
+            lambda b: b[:26] + b"\xfe" + b[27:],
+            "embedding record's versions are not UTF-8: 'utf-8' codec can't decode byte 0xfe "
+            "in position 0: invalid start byte",
+        ),
     ],
 )
 def test_unreadable_records_are_refused(mutate, message) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(EmbeddingDecodeError, match=f"^{re.escape(message)}$"):
-        decode_embedding(mutate(encode_embedding(record())))
+    for read in (decode_embedding, read_embedding):
+        with pytest.raises(EmbeddingDecodeError, match=f"^{re.escape(message)}$"):
+            read(mutate(encode_embedding(record())))

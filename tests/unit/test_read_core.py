@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from service.api import reads
 from service.api.coalescer import ReadCoalescer
 from service.api.cold_start import ColdStart
 from service.api.hot_cache import HotCache
@@ -21,6 +22,7 @@ from service.api.reads import (
     ReadError,
     Status,
     check_user_id,
+    check_user_ids,
     max_request_bytes,
     parse_encoding,
     parse_model,
@@ -30,6 +32,7 @@ from service.api.reads import (
 )
 from service.api.refresh import RefreshRequester
 from service.core.embeddings import EmbeddingRecord
+from service.core.events import USER_ID_RULE
 from service.core.model_names import DEFAULT_MODEL
 from service.settings import Settings
 from service.store.memory import MemoryStore
@@ -285,6 +288,19 @@ async def test_without_a_cold_start_a_missing_user_is_not_found() -> None:
     assert [a.status for a in await no_model.batch_get(["a", "b"])] == ["not_found"] * 2
 
 
+def test_valid_ids_are_checked_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    checked: list[str] = []
+    monkeypatch.setattr(reads, "check_user_id", checked.append)
+    valid = ["a", "B.c:d@e-f_9", "x" * 128]
+    check_user_ids(valid)
+    check_user_ids(valid[:1])
+    assert checked == []  # none checked one by one
+    for ids in (["a", "b c"], ["a", "x" * 129], ["a", "b\nc"], ["a\nb"], [""], []):
+        checked.clear()
+        check_user_ids(ids)
+        assert checked == ids  # an invalid batch is checked one by one, for the reason
+
+
 async def test_batches_are_bounded_and_every_id_checked() -> None:
     store, refreshes = MemoryStore(), Refreshes()
     reader = reader_for(store, refreshes, max_batch=2)
@@ -302,6 +318,11 @@ async def test_batches_are_bounded_and_every_id_checked() -> None:
         assert bad.value.message == "invalid user_id 'b c': only [A-Za-z0-9_.:@-], 1..128 chars"
     assert check_user_id("ok:1") == "ok:1"
     assert await reader.batch_get([]) == []
+    # one id holding a newline reads as two valid lines: the line count tells it apart
+    for ids, bad_id in ((["a", "b\nc"], "b\nc"), (["a\nb"], "a\nb"), (["a", ""], "")):
+        with pytest.raises(ReadError) as bad:
+            await reader.batch_get(ids)
+        assert bad.value.message == f"invalid user_id {bad_id!r}: {USER_ID_RULE}"
     assert refreshes.requested == [["a", "b"]]
 
 
@@ -460,8 +481,9 @@ def test_request_parsing() -> None:
 
 
 def test_answers_encode_their_vector_for_each_wire_form() -> None:
-    vector = np.array([1.0, -2.0], np.float16)
-    answer = Answer("u1", "fresh", vector, "m1", "m1")
+    answer = Answer("u1", "fresh", bytes.fromhex("003c00c0"), "float16", "m1", "m1")
+    assert answer.dim == 2
+    assert answer.vector is not None and answer.vector.tolist() == [1.0, -2.0]
     as_json = answer.encoded("json")
     assert isinstance(as_json, np.ndarray) and as_json.dtype == np.float32
     assert as_json.tolist() == [1.0, -2.0]
@@ -471,8 +493,14 @@ def test_answers_encode_their_vector_for_each_wire_form() -> None:
         == base64.b64encode(bytes.fromhex("0000803f000000c0")).decode()
     )
     assert answer.packed("float16") == bytes.fromhex("003c00c0")
-    empty = Answer("u1", "not_found", None, None, None)
+    assert answer.packed("float32") == bytes.fromhex("0000803f000000c0")
+    as_float32 = Answer("u1", "fresh", bytes.fromhex("0000803f000000c0"), "float32", "m", "m")
+    assert as_float32.dim == 2
+    assert as_float32.packed("float16") == bytes.fromhex("003c00c0")
+    assert as_float32.encoded("base64_float16") == answer.encoded("base64_float16")
+    empty = Answer("u1", "not_found", None, "float32", None, None)
     assert (empty.encoded("json"), empty.packed("float32"), empty.dim) == (None, b"", None)
+    assert empty.vector is None
 
 
 async def test_a_store_answering_too_few_records_is_an_error_not_a_short_answer() -> None:

@@ -7,6 +7,7 @@ import zlib
 import pytest
 from redis.crc import key_slot
 
+from service.core.model_names import DEFAULT_MODEL
 from service.settings import Settings
 from service.store.address import RedisAddress, redact
 from service.store.keys import DEFAULT_SHARDS, KeyLayout, shard_of
@@ -122,3 +123,14 @@ def test_misconfiguration_sentences_name_the_fix() -> None:
     assert cluster.not_cluster_sentence().endswith(
         "set USEREMBED_REDIS_URL=redis://10.0.0.5:7000/0"
     )
+
+
+def test_bulk_read_keys_are_the_embedding_keys_as_bytes() -> None:
+    layout = KeyLayout(64)
+    users = ["u1", "user:42", "é", "x" * 128]
+    for model in (DEFAULT_MODEL, "clicks"):
+        assert layout.embedding_keys(users, model) == [
+            layout.embedding_key(u, model).encode() for u in users
+        ]
+    assert layout.embedding_keys(iter(users)) == [layout.embedding_key(u).encode() for u in users]
+    assert layout.embedding_keys([]) == []
