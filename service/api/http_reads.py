@@ -90,22 +90,29 @@ def read_route(path: str) -> str | None:
     return None
 
 
-def answer_dict(answer: Answer, encoding: Encoding, named: bool = False) -> dict[str, Any]:
-    """The JSON answer; with ``model`` when the request ``named`` a model."""
-    body = {
-        "user_id": answer.user_id,
-        "embedding": answer.encoded(encoding),
-        "dim": answer.dim,
-        "model_version": answer.model_version,
-        "space_version": answer.space_version,
-        "computed_at": answer.computed_at,
-        "feature_version": answer.feature_version,
-        "staleness_ms": answer.staleness_ms,
-        "status": answer.status,
-    }
+def answer_dicts(
+    answers: Sequence[Answer], encoding: Encoding, named: bool = False
+) -> list[dict[str, Any]]:
+    """The JSON answers; with ``model`` when the request ``named`` a model. One pass with
+    the fields inline: this is the per-user cost of a batch read."""
+    bodies = [
+        {
+            "user_id": a.user_id,
+            "embedding": a.encoded(encoding),
+            "dim": a.dim,
+            "model_version": a.model_version,
+            "space_version": a.space_version,
+            "computed_at": a.computed_at,
+            "feature_version": a.feature_version,
+            "staleness_ms": a.staleness_ms,
+            "status": a.status,
+        }
+        for a in answers
+    ]
     if named:
-        body["model"] = answer.model
-    return body
+        for body, answer in zip(bodies, answers, strict=True):
+            body["model"] = answer.model
+    return bodies
 
 
 class ReadEndpoints:
@@ -141,15 +148,15 @@ class ReadEndpoints:
             pin = parse_pin(query.get("model_version"))
             name = query.get("model")
         answer = await self._reader.get(user_id, pin, parse_model(name))
-        return orjson.dumps(answer_dict(answer, encoding, bool(name)), option=_JSON_OPTIONS)
+        (body,) = answer_dicts((answer,), encoding, bool(name))
+        return orjson.dumps(body, option=_JSON_OPTIONS)
 
     async def _batch_get(self, receive: Receive) -> bytes:
         request = parse_batch_get(await read_body(receive, self.max_body_bytes), self._max_depth)
         answers = await self._reader.batch_get(
             request.user_ids, request.pin, models=request.models, pins=request.pins
         )
-        named = request.named
-        embeddings = [answer_dict(a, request.encoding, named) for a in answers]
+        embeddings = answer_dicts(answers, request.encoding, request.named)
         return orjson.dumps({"embeddings": embeddings}, option=_JSON_OPTIONS)
 
 
