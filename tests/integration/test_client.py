@@ -11,12 +11,12 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
@@ -45,6 +45,8 @@ from userembed import (
     UnknownModel,
     VersionMismatch,
 )
+from userembed import client as client_module
+from userembed.retry import call_with_retries
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,6 +63,7 @@ BATCH_ROUTE = {
     "grpc": "/userembed.v1.Embeddings/BatchGetEmbeddings",
 }
 CLICKS, CLICKS_VERSION, CLICKS_DIM = "clicks", "clicks-1", 16  # the second model
+T = TypeVar("T")
 
 
 @dataclass
@@ -425,23 +428,29 @@ def paused(redis_url: str, ms: int) -> Iterator[None]:
 def test_deadline_exceeded(server: Server, redis_url: str, protocol: str) -> None:
     with client(server, protocol, timeout=0.25) as ranker:
         ranker.get("fresh-0")  # connected before the stall
-        with paused(redis_url, 1200):
-            started = time.monotonic()
-            with pytest.raises(DeadlineExceeded):
+        # Redis stalls far past the calls' deadlines: the server cannot answer them in
+        # time (its own bound, api_read_timeout_ms = 1 s, answers 503: Unavailable)
+        with paused(redis_url, 3000):
+            with pytest.raises(DeadlineExceeded) as single:
                 ranker.get("fresh-0")
-            with pytest.raises(DeadlineExceeded):
+            with pytest.raises(DeadlineExceeded) as batch:
                 ranker.get_many(["fresh-1", "fresh-2"], timeout=0.1)
-            elapsed = time.monotonic() - started
-    assert elapsed < 1.0  # the server's own bound (api_read_timeout_ms) is 1 s
+    for caught in (single, batch):
+        # the client's own deadline after one request, not an answer of the server's
+        # (which would carry its request id)
+        assert caught.value.code == "deadline_exceeded" and caught.value.request_id is None
+        assert caught.value.attempts == 1
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_hedged_request_is_sent_when_the_first_is_late(server: Server, protocol: str) -> None:
     before = server.requests(protocol, GET_ROUTE)
-    with client(server, protocol, hedge_after_s=0.0) as ranker:  # hedge every call at once
+    # hedge every call at once; the client stays open (closing it would cancel a hedge
+    # not yet sent) until the server has answered both requests
+    with client(server, protocol, hedge_after_s=0.0, timeout=30) as ranker:
         got = ranker.get("fresh-4")
+        wait_for(lambda: server.requests(protocol, GET_ROUTE) - before == 2, 30, "two requests")
     np.testing.assert_array_equal(got.vector, server.vectors["fresh-4"])
-    wait_for(lambda: server.requests(protocol, GET_ROUTE) - before == 2, 5, "two requests")
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -479,10 +488,34 @@ async def test_async_client_without_coalescing(server: Server, protocol: str) ->
     assert len(batch) == 12 and set(batch.statuses) == {"fresh"}
 
 
-def test_retries_on_503_while_redis_is_down_then_success(standin: ModelArtifact) -> None:
+class RetryWaits:
+    """The blocking client's waits before its retries, in order, seen through the sleep
+    its retry loop takes (it still sleeps them); ``before_next`` runs once, at the start
+    of the next wait."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.waits: list[float] = []
+        self.before_next: Callable[[], object] | None = None
+
+        def retrying(attempt: Callable[[], T], policy: RetryPolicy, deadline: float) -> T:
+            return call_with_retries(attempt, policy, deadline, sleep=self._sleep)
+
+        monkeypatch.setattr(client_module, "call_with_retries", retrying)
+
+    def _sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        action, self.before_next = self.before_next, None
+        if action is not None:
+            action()
+        time.sleep(seconds)
+
+
+def test_retries_on_503_while_redis_is_down_then_success(
+    standin: ModelArtifact, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Redis stopped under a running `serve`: bounded retries honouring Retry-After, no
-    wait past the deadline; Redis started again on its port during a call: the call's
-    retry succeeds within its deadline."""
+    wait past the deadline; Redis started again on its port while a call waits to retry:
+    the call's retry succeeds within its deadline."""
     _require_redis_server()
     port = free_port()
     node = ExitStack()  # the redis-server, stopped and started again by this test
@@ -494,42 +527,48 @@ def test_retries_on_503_while_redis_is_down_then_success(standin: ModelArtifact)
                 assert ranker.get("u1").status == "stale"
             node.close()
             failed = api.requests("http", GET_ROUTE, "503")
+            retries = RetryWaits(monkeypatch)
 
-            with Client(api.http, timeout=10) as ranker:
-                started = time.monotonic()
-                with pytest.raises(Unavailable, match="retry shortly") as caught:
-                    ranker.get("u1")
-                waited = time.monotonic() - started
+            stubborn = Client(api.http, timeout=10)
+            with stubborn, pytest.raises(Unavailable, match="retry shortly") as caught:
+                stubborn.get("u1")
             assert caught.value.attempts == 3 and caught.value.retry_after_s == 1.0
             assert caught.value.code == "store_unavailable" and caught.value.http_status == 503
-            assert 2.0 <= waited < 5.0  # Retry-After (1 s) before each of the two retries
+            # Retry-After (1 s) before each of the two retries, plus at most the default
+            # policy's jitter (0.05 s before the first retry, 0.1 s before the second)
+            assert len(retries.waits) == 2, retries.waits
+            assert 1.0 <= retries.waits[0] <= 1.05 and 1.0 <= retries.waits[1] <= 1.1
+            wait_for(
+                lambda: api.requests("http", GET_ROUTE, "503") - failed == 3,
+                30,
+                "the server to count the call's three requests",
+            )
 
             with Client(api.http, timeout=0.5) as ranker, pytest.raises(Unavailable) as caught:
                 ranker.get("u1")  # Retry-After would pass the deadline: no retry
-            assert caught.value.attempts == 1
+            assert caught.value.attempts == 1 and len(retries.waits) == 2  # nor a wait
 
             with Client(api.grpc, timeout=10) as ranker, pytest.raises(Unavailable) as caught:
                 ranker.get_many(["u1", "u2"])
             assert caught.value.attempts == 3 and caught.value.code == "store_unavailable"
+            assert len(retries.waits) == 4
 
             once = Client(api.http, timeout=5, retry=NO_RETRIES)
             with once, pytest.raises(Unavailable) as caught:
                 once.get("u1")
-            assert caught.value.attempts == 1
+            assert caught.value.attempts == 1 and len(retries.waits) == 4
             assert api.requests("http", GET_ROUTE, "503") - failed == 5
 
             for protocol in PROTOCOLS:
                 node.close()
-                restart = threading.Timer(0.5, lambda: node.enter_context(private_redis(port)))
-                restart.start()
-                try:
-                    retry = RetryPolicy(max_attempts=20, initial_backoff_s=0.2)
-                    with Client(api.url(protocol), timeout=10, retry=retry) as ranker:
-                        started = time.monotonic()
-                        got = ranker.get("u1")  # the restarted Redis is empty
-                        assert got.status == "cold_start" and time.monotonic() - started > 0.4
-                finally:
-                    restart.join()
+                waits = len(retries.waits)
+                # Redis starts again on its port once the call failed and waits to retry
+                retries.before_next = lambda: node.enter_context(private_redis(port))
+                retry = RetryPolicy(max_attempts=20, initial_backoff_s=0.2)
+                with Client(api.url(protocol), timeout=30, retry=retry) as ranker:
+                    got = ranker.get("u1")
+                assert got.status == "cold_start"  # read from the restarted, empty Redis
+                assert retries.before_next is None and len(retries.waits) > waits
     finally:
         node.close()
 

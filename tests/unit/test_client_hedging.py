@@ -4,10 +4,12 @@ answers, how many are sent, and what each caller gets."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import pytest
@@ -15,8 +17,12 @@ import pytest
 from userembed import AsyncClient, Client, DeadlineExceeded, NotFound, Unavailable
 from userembed.errors import InvalidRequest
 from userembed.hedging import hedged, hedged_async
-from userembed.results import Embedding
+from userembed.results import Embedding, ModelInfo
 from userembed.transport import Query
+
+P = ParamSpec("P")
+T = TypeVar("T")
+HOLD_S = 30.0  # a held request's guard: a test that never releases it fails, not hangs
 
 
 def embedding(user_id: str, status: str = "fresh", model: str = "default") -> Embedding:
@@ -59,6 +65,9 @@ class FakeTransport:
             for model in query.names
         ]
 
+    def list_models(self, timeout_s: float) -> list[ModelInfo]:
+        return []
+
     def close(self) -> None:
         pass
 
@@ -78,75 +87,195 @@ class AsyncFakeTransport(FakeTransport):
         await asyncio.sleep(0.001)
         return FakeTransport.batch_get(self, user_ids, query, timeout_s)
 
+    async def list_models(self, timeout_s: float) -> list[ModelInfo]:  # type: ignore[override]
+        return []
+
     async def aclose(self) -> None:
         pass
 
 
+def tagged(user_id: str, n: int) -> Embedding:
+    """Request ``n``'s answer: which request answered is in its model_version."""
+    return Embedding(user_id, "fresh", np.ones(2, np.float32), f"request-{n}", "m1")
+
+
+class Requests(ThreadPoolExecutor):
+    """The pool a hedged call sends its requests through, scripted per request in the
+    order they are submitted (0: the first, 1: the hedge): request ``n`` waits while it
+    is ``held`` (until :meth:`release`), then raises ``errors[n]`` or answers
+    ``tagged("u1", n)``. ``finished`` lists the requests in the order they finished;
+    ``release_when_done`` maps a request to the held one to release once it is done
+    (after whoever waits for it has been told)."""
+
+    def __init__(
+        self,
+        held: Collection[int] = (),
+        errors: Mapping[int, Exception] | None = None,
+        release_when_done: Mapping[int, int] | None = None,
+    ) -> None:
+        super().__init__(max_workers=4)
+        self.gates = {n: threading.Event() for n in held}
+        self.errors = dict(errors or {})
+        self.release_when_done = dict(release_when_done or {})
+        self.finished: list[int] = []
+        self._submitted = itertools.count()
+        self._current = threading.local()
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        n = next(self._submitted)
+
+        def numbered() -> T:
+            self._current.n = n
+            return fn(*args, **kwargs)
+
+        future = super().submit(numbered)
+        if n in self.release_when_done:
+            held = self.release_when_done[n]
+            future.add_done_callback(lambda _: self.release(held))
+        return future
+
+    def request(self) -> Embedding:
+        """One request, numbered by the pool's submission that runs it."""
+        n: int = self._current.n
+        gate = self.gates.get(n)
+        if gate is not None and not gate.wait(HOLD_S):
+            raise AssertionError(f"request {n} was never released")
+        self.finished.append(n)
+        if n in self.errors:
+            raise self.errors[n]
+        return tagged("u1", n)
+
+    def release(self, n: int) -> None:
+        self.gates[n].set()
+
+    def release_all(self) -> None:
+        for gate in self.gates.values():
+            gate.set()
+
+
+class HeldTransport(FakeTransport):
+    """Holds the first request that arrives until :meth:`release` (or its timeout:
+    DeadlineExceeded); answers ``tagged(user_id, n)``, n the order of arrival."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished: list[int] = []
+        self._held = threading.Event()
+
+    def get(self, user_id: str, query: Query, timeout_s: float) -> Embedding:
+        with self._lock:
+            n = len(self.gets)
+            self.gets.append(user_id)
+        if n == 0 and not self._held.wait(timeout_s):
+            raise DeadlineExceeded("held until the deadline", code="deadline_exceeded")
+        with self._lock:
+            self.finished.append(n)
+        return tagged(user_id, n)
+
+    def release(self) -> None:
+        self._held.set()
+
+
+class AsyncHeldTransport(AsyncFakeTransport):
+    """Holds the first request that arrives until it is cancelled (``cancelled`` is set
+    then); answers ``tagged(user_id, n)``, n the order of arrival."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished: list[int] = []
+        self.cancelled = asyncio.Event()
+        self._never = asyncio.Event()
+
+    async def get(self, user_id: str, query: Query, timeout_s: float) -> Embedding:  # type: ignore[override]
+        n = len(self.gets)
+        self.gets.append(user_id)
+        if n == 0:
+            try:
+                await self._never.wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        self.finished.append(n)
+        return tagged(user_id, n)
+
+
 def test_a_fast_first_request_is_not_hedged() -> None:
-    fake = FakeTransport()
-    with ThreadPoolExecutor(4) as pool:
-        assert hedged(lambda: fake.get("u1", Query(), 1), 0.2, pool, time.monotonic() + 2)
-    assert fake.gets == ["u1"]
+    with Requests() as requests:  # the first answers long before the hedge is due
+        got = hedged(requests.request, 60, requests, time.monotonic() + HOLD_S)
+    assert got.model_version == "request-0" and requests.finished == [0]  # no hedge sent
 
 
 def test_a_slow_first_request_is_hedged_and_the_second_answers() -> None:
-    fake = FakeTransport(delays=[1.0, 0.0])
-    started = time.monotonic()
-    with ThreadPoolExecutor(4) as pool:
-        got = hedged(lambda: fake.get("u1", Query(), 2), 0.05, pool, time.monotonic() + 2)
-        elapsed = time.monotonic() - started
-    assert got.user_id == "u1" and fake.gets == ["u1", "u1"]
-    assert elapsed < 0.5
-
-
-def hedge_once(fake: FakeTransport) -> Embedding:
-    with ThreadPoolExecutor(4) as pool:
-        return hedged(lambda: fake.get("u1", Query(), 2), 0.05, pool, time.monotonic() + 2)
+    with Requests(held=[0]) as requests:
+        try:
+            got = hedged(requests.request, 0.05, requests, time.monotonic() + HOLD_S)
+            # the hedge's answer, returned while the first request is still held
+            assert got.model_version == "request-1" and requests.finished == [1]
+        finally:
+            requests.release_all()
+    assert requests.finished == [1, 0]  # the first was left to finish, and ignored
 
 
 def test_a_transient_error_waits_for_the_other_request() -> None:
-    fake = FakeTransport(delays=[0.3, 0.0], errors=[None, Unavailable("hedge down")])
-    assert hedge_once(fake).user_id == "u1"  # the slow first request's answer
+    hedge_down = {1: Unavailable("hedge down")}
+    with Requests(held=[0], errors=hedge_down, release_when_done={1: 0}) as requests:
+        got = hedged(requests.request, 0.05, requests, time.monotonic() + HOLD_S)
+    # the hedge failed first; the call waited for the first request's answer
+    assert got.model_version == "request-0" and requests.finished == [1, 0]
 
 
 def test_a_definitive_error_is_an_answer() -> None:
-    fake = FakeTransport(delays=[0.3, 0.0], errors=[Unavailable("slow"), NotFound("none")])
-    with pytest.raises(NotFound):
-        hedge_once(fake)
+    errors = {0: Unavailable("slow"), 1: NotFound("none")}
+    with Requests(held=[0], errors=errors) as requests:
+        try:
+            with pytest.raises(NotFound):
+                hedged(requests.request, 0.05, requests, time.monotonic() + HOLD_S)
+            assert requests.finished == [1]  # raised without waiting for the held first
+        finally:
+            requests.release_all()
 
 
 def test_both_transient_is_the_first_error() -> None:
-    fake = FakeTransport(delays=[0.2, 0.0], errors=[Unavailable("a"), Unavailable("b")])
-    with pytest.raises(Unavailable, match="b"):
-        hedge_once(fake)
+    errors = {0: Unavailable("a"), 1: Unavailable("b")}
+    requests = Requests(held=[0], errors=errors, release_when_done={1: 0})
+    with requests, pytest.raises(Unavailable, match="b"):  # the hedge's, the first to fail
+        hedged(requests.request, 0.05, requests, time.monotonic() + HOLD_S)
+    assert requests.finished == [1, 0]
 
 
 def test_sync_client_hedges_only_when_asked() -> None:
-    fake = FakeTransport(delays=[0.5])
-    with Client(hedge_after_s=0.02, transport=fake) as client:
-        assert client.get("u1").user_id == "u1"
+    fake = HeldTransport()  # without a hedge, the held first request would time out
+    with Client(hedge_after_s=0.02, transport=fake, timeout=HOLD_S) as client:
+        try:
+            got = client.get("u1")
+            # the hedge answered while the first request was still held
+            assert got.model_version == "request-1" and fake.finished == [1]
+        finally:
+            fake.release()
     assert fake.gets == ["u1", "u1"]
-    fake = FakeTransport(delays=[0.05])
-    with Client(transport=fake) as client:
+    unhedged = FakeTransport(delays=[0.05])
+    with Client(transport=unhedged) as client:
         client.get("u1")
-    assert fake.gets == ["u1"]
+    assert unhedged.gets == ["u1"]
 
 
 async def test_async_hedge_cancels_the_slower_request() -> None:
-    fake = AsyncFakeTransport(delays=[5.0, 0.0])
-    started = time.monotonic()
-    got = await hedged_async(lambda: fake.get("u1", Query(), 5), 0.02)
-    assert got.user_id == "u1" and len(fake.gets) == 2
-    assert time.monotonic() - started < 1.0
+    fake = AsyncHeldTransport()  # the first request never answers
+    hedge = hedged_async(lambda: fake.get("u1", Query(), 5), 0.02)
+    got = await asyncio.wait_for(hedge, HOLD_S)
+    assert got.model_version == "request-1" and fake.gets == ["u1", "u1"]
+    await asyncio.wait_for(fake.cancelled.wait(), HOLD_S)  # the held first was cancelled
+    assert fake.finished == [1]
 
 
 async def test_async_deadline_bounds_the_whole_call() -> None:
-    fake = AsyncFakeTransport(delays=[5.0])
+    fake = AsyncHeldTransport()  # its only request never answers, whatever its timeout
     async with AsyncClient(transport=fake, timeout=0.1) as client:
-        started = time.monotonic()
-        with pytest.raises(DeadlineExceeded):
-            await client.get("u1")
-        assert time.monotonic() - started < 0.5
+        with pytest.raises(DeadlineExceeded) as caught:
+            await asyncio.wait_for(client.get("u1"), HOLD_S)
+    # the client's own deadline ended the call: the request was cancelled unanswered
+    assert caught.value.code == "deadline_exceeded"
+    assert fake.cancelled.is_set() and fake.finished == [] and fake.gets == ["u1"]
 
 
 async def test_concurrent_gets_coalesce_into_one_batch_per_window() -> None:
@@ -160,12 +289,12 @@ async def test_concurrent_gets_coalesce_into_one_batch_per_window() -> None:
 
 async def test_a_full_window_is_sent_at_once_and_answers_keep_single_get_semantics() -> None:
     fake = AsyncFakeTransport()
-    async with AsyncClient(transport=fake, coalesce_window_s=10.0, max_batch=3) as client:
+    async with AsyncClient(transport=fake, coalesce_window_s=3600.0, max_batch=3) as client:
         results = await asyncio.wait_for(
             asyncio.gather(*(client.get(u) for u in ["a", "b", "gone"]), return_exceptions=True),
-            timeout=2,
+            timeout=HOLD_S,
         )
-    assert fake.batches == [["a", "b", "gone"]]  # sent when full, not after 10 s
+    assert fake.batches == [["a", "b", "gone"]]  # sent when full: the window is an hour
     assert [type(r).__name__ for r in results] == ["Embedding", "Embedding", "NotFound"]
 
 
