@@ -1,19 +1,21 @@
 """The read API over gRPC (grpc.aio): the same :class:`EmbeddingReader` as HTTP.
 
 ``userembed.v1.Embeddings`` (service/api/proto/userembed/v1/embeddings.proto) with the
-standard health service and server reflection. Vectors travel as packed
-little-endian bytes. API keys are checked from the ``authorization: Bearer <key>``
-metadata (exactly one: two are INVALID_ARGUMENT); a request id is taken from
-``x-request-id`` (or made) and returned in the trailing metadata, with a failure's error
-code (``userembed-error-code``: ``unknown_model``, ``not_found``, ...). Messages are bounded
-both ways (:func:`server_options`): a larger one is RESOURCE_EXHAUSTED, for that call only.
+standard health service and server reflection. Its methods are generic handlers on raw
+bytes: :class:`WireReads` parses and encodes (the choice of ``userembed bench grpc``,
+docs/grpc.md). Vectors travel as packed little-endian bytes. API keys are checked from
+the ``authorization: Bearer <key>`` metadata (exactly one: two are INVALID_ARGUMENT); a
+request id is taken from ``x-request-id`` (or made) and returned in the trailing
+metadata, with a failure's error code (``userembed-error-code``: ``unknown_model``,
+``not_found``, ...). Messages are bounded both ways (:func:`server_options`): a larger
+one is RESOURCE_EXHAUSTED, for that call only.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -21,19 +23,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.api.frontend import REQUEST_ID, KeyChecker, RouteLatency, new_request_id
-from service.api.proto.userembed.v1 import embeddings_pb2 as pb
-from service.api.reads import (
-    DEFAULT_ONLY,
-    Answer,
-    EmbeddingReader,
-    ReadError,
-    max_request_bytes,
-    parse_model,
-    parse_models,
-    parse_pin,
-    parse_pins,
-)
-from service.core.embeddings import EmbeddingDtype
+from service.api.grpc_reads import GRPC_CODE as GRPC_CODE  # clients map codes with it
+from service.api.grpc_reads import WireReads
+from service.api.reads import EmbeddingReader, ReadError, max_request_bytes
 from service.metrics import API_IN_FLIGHT
 from service.settings import Settings
 
@@ -47,140 +39,27 @@ _HEALTH_CHECK: Final = "/grpc.health.v1.Health/"
 _REFLECTION: Final = "/grpc.reflection."
 ERROR_CODE_METADATA: Final = "userembed-error-code"  # trailing: ReadError.code of a failure
 
-GRPC_CODE: Final[dict[str, grpc.StatusCode]] = {
-    "invalid_user_id": grpc.StatusCode.INVALID_ARGUMENT,
-    "invalid_encoding": grpc.StatusCode.INVALID_ARGUMENT,
-    "invalid_model_version": grpc.StatusCode.INVALID_ARGUMENT,
-    "invalid_model": grpc.StatusCode.INVALID_ARGUMENT,
-    "invalid_request": grpc.StatusCode.INVALID_ARGUMENT,
-    "batch_too_large": grpc.StatusCode.INVALID_ARGUMENT,
-    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "unknown_model": grpc.StatusCode.NOT_FOUND,
-    "version_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
-    "store_unavailable": grpc.StatusCode.UNAVAILABLE,
-    "store_misconfigured": grpc.StatusCode.UNAVAILABLE,
-}
-_STATUS: Final = {
-    "fresh": pb.STATUS_FRESH,
-    "stale": pb.STATUS_STALE,
-    "cold_start": pb.STATUS_COLD_START,
-    "not_found": pb.STATUS_NOT_FOUND,
-    "version_mismatch": pb.STATUS_VERSION_MISMATCH,
-}
-_DTYPE: Final[dict[int, EmbeddingDtype]] = {
-    pb.ENCODING_UNSPECIFIED: "float32",
-    pb.ENCODING_FLOAT32: "float32",
-    pb.ENCODING_FLOAT16: "float16",
-}
-_COLD_START: Final = {
-    "available": pb.COLD_START_AVAILABLE,
-    "unavailable": pb.COLD_START_UNAVAILABLE,
-    "disabled": pb.COLD_START_DISABLED,
-}
 GRPC_LATENCY: Final = RouteLatency("grpc")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-def _dtype(encoding: pb.Encoding) -> EmbeddingDtype:
-    dtype = _DTYPE.get(encoding)
-    if dtype is None:
-        raise ReadError("invalid_encoding", f"unknown encoding {encoding}: use FLOAT32 or FLOAT16")
-    return dtype
-
-
-def to_message(
-    answer: Answer, encoding: pb.Encoding, dtype: EmbeddingDtype, named: bool = False
-) -> pb.Embedding:
-    """The answer as a message; with ``model`` when the request ``named`` a model."""
-    message = pb.Embedding(
-        user_id=answer.user_id,
-        status=_STATUS[answer.status],
-        vector=answer.packed(dtype),
-        encoding=encoding or pb.ENCODING_FLOAT32,
-        dim=answer.dim or 0,
-        model_version=answer.model_version or "",
-        space_version=answer.space_version or "",
-    )
-    if answer.computed_at is not None:
-        message.computed_at = answer.computed_at
-    if answer.feature_version is not None:
-        message.feature_version = answer.feature_version
-    if answer.staleness_ms is not None:
-        message.staleness_ms = answer.staleness_ms
-    if named:
-        message.model = answer.model
-    return message
-
-
 class EmbeddingsService:
-    """The servicer: parse, read, encode; errors become gRPC status codes. ``dtype`` and
-    ``cold_start_disabled`` are what ListModels says of every model."""
+    """The servicer on raw bytes (no (de)serializers registered: :class:`WireReads`
+    parses and encodes); metadata, errors as gRPC status codes, metrics."""
 
-    def __init__(
-        self,
-        reader: EmbeddingReader,
-        keys: KeyChecker,
-        dtype: EmbeddingDtype = "float16",
-        cold_start_disabled: bool = False,
-    ) -> None:
-        self._reader = reader
-        self._keys = keys
-        self._dtype = dtype
-        self._cold_start_disabled = cold_start_disabled
+    def __init__(self, reads: WireReads, keys: KeyChecker) -> None:
+        self.reads = reads
+        self.keys = keys
 
-    async def GetEmbedding(
-        self, request: pb.GetEmbeddingRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Embedding:
-        return await self._call(_GET, context, self._get, request)
+    async def GetEmbedding(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._call(_GET, context, self.reads.get, request)
 
-    async def BatchGetEmbeddings(
-        self, request: pb.BatchGetEmbeddingsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.BatchGetEmbeddingsResponse:
-        return await self._call(_BATCH, context, self._batch_get, request)
+    async def BatchGetEmbeddings(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._call(_BATCH, context, self.reads.batch_get, request)
 
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListModelsResponse:
-        return await self._call(_MODELS, context, self._list_models, request)
-
-    async def _get(self, request: pb.GetEmbeddingRequest) -> pb.Embedding:
-        dtype = _dtype(request.encoding)
-        model = parse_model(request.model)
-        answer = await self._reader.get(request.user_id, parse_pin(request.model_version), model)
-        return to_message(answer, request.encoding, dtype, bool(request.model))
-
-    async def _batch_get(
-        self, request: pb.BatchGetEmbeddingsRequest
-    ) -> pb.BatchGetEmbeddingsResponse:
-        dtype = _dtype(request.encoding)
-        named = len(request.models) > 0
-        answers = await self._reader.batch_get(
-            list(request.user_ids),
-            parse_pin(request.model_version),
-            models=parse_models(request.models) if named else DEFAULT_ONLY,
-            pins=parse_pins(request.model_versions),
-        )
-        return pb.BatchGetEmbeddingsResponse(
-            embeddings=[to_message(a, request.encoding, dtype, named) for a in answers]
-        )
-
-    async def _list_models(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(
-            models=[
-                pb.ModelInfo(
-                    name=state.name,
-                    version=state.version or "",
-                    space_version=state.space_version or "",
-                    dim=state.dim or 0,
-                    dtype=self._dtype,
-                    input_schema_hash=state.input_schema_hash or "",
-                    cold_start=_COLD_START[state.cold_start_status(self._cold_start_disabled)],
-                )
-                for state in self._reader.models.states()
-            ]
-        )
+    async def ListModels(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._call(_MODELS, context, self.reads.list_models, request)
 
     async def _call(
         self,
@@ -190,29 +69,13 @@ class EmbeddingsService:
         request: Req,
     ) -> Resp:
         started = time.perf_counter()
-        authorization = offered_id = None
-        duplicate_auth = False
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                duplicate_auth = authorization is not None
-                authorization = value
-            elif key == "x-request-id":
-                offered_id = value
-        request_id = new_request_id(offered_id)
-        REQUEST_ID.set(request_id)
+        request_id, refused = call_metadata(self.keys, context.invocation_metadata())
         context.set_trailing_metadata((("x-request-id", request_id),))
         API_IN_FLIGHT.inc()
         code = grpc.StatusCode.INTERNAL
         try:
-            if self._keys and duplicate_auth:
-                raise ReadError(
-                    "invalid_request", "more than one authorization metadata entry: send one"
-                )
-            if self._keys and not self._keys.allows(authorization):
-                raise ReadError(
-                    "unauthenticated",
-                    "missing or invalid API key: send metadata 'authorization: Bearer <key>'",
-                )
+            if refused is not None:
+                raise refused
             response = await handler(request)
             code = grpc.StatusCode.OK
             return response
@@ -241,6 +104,35 @@ class EmbeddingsService:
         finally:
             API_IN_FLIGHT.dec()
             GRPC_LATENCY.observe(method, code.name, time.perf_counter() - started)
+
+
+def call_metadata(
+    keys: KeyChecker, metadata: Iterable[tuple[str, str | bytes]] | None
+) -> tuple[str, ReadError | None]:
+    """A call's request id (``x-request-id``, or a new one; set as the context's), and
+    why its ``authorization`` is refused when API keys are configured (None: admitted)."""
+    authorization = offered_id = None
+    duplicate_auth = False
+    for key, value in metadata or ():
+        if key == "authorization":
+            duplicate_auth = authorization is not None
+            authorization = value
+        elif key == "x-request-id":
+            offered_id = value
+    request_id = new_request_id(offered_id)
+    REQUEST_ID.set(request_id)
+    if not keys:
+        return request_id, None
+    if duplicate_auth:
+        return request_id, ReadError(
+            "invalid_request", "more than one authorization metadata entry: send one"
+        )
+    if not keys.allows(authorization):
+        return request_id, ReadError(
+            "unauthenticated",
+            "missing or invalid API key: send metadata 'authorization: Bearer <key>'",
+        )
+    return request_id, None
 
 
 class _OpsAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -286,26 +178,21 @@ def _denied(handler: Any) -> Any:
     return handler
 
 
-def _service_handler(service: EmbeddingsService) -> grpc.GenericRpcHandler:
-    """The servicer's methods registered with their (de)serializers."""
-    handlers = {
-        "GetEmbedding": grpc.unary_unary_rpc_method_handler(
-            service.GetEmbedding,
-            request_deserializer=pb.GetEmbeddingRequest.FromString,
-            response_serializer=pb.Embedding.SerializeToString,
-        ),
-        "BatchGetEmbeddings": grpc.unary_unary_rpc_method_handler(
-            service.BatchGetEmbeddings,
-            request_deserializer=pb.BatchGetEmbeddingsRequest.FromString,
-            response_serializer=pb.BatchGetEmbeddingsResponse.SerializeToString,
-        ),
-        "ListModels": grpc.unary_unary_rpc_method_handler(
-            service.ListModels,
-            request_deserializer=pb.ListModelsRequest.FromString,
-            response_serializer=pb.ListModelsResponse.SerializeToString,
-        ),
+def read_handlers(service: EmbeddingsService) -> grpc.GenericRpcHandler:
+    """The servicer's methods on raw bytes: no (de)serializer, :class:`WireReads` does it."""
+    methods = {
+        "GetEmbedding": service.GetEmbedding,
+        "BatchGetEmbeddings": service.BatchGetEmbeddings,
+        "ListModels": service.ListModels,
     }
+    handlers = {name: grpc.unary_unary_rpc_method_handler(m) for name, m in methods.items()}
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def read_service(reader: EmbeddingReader, settings: Settings) -> EmbeddingsService:
+    """The servicer of ``reader`` with the API keys and ListModels facts of ``settings``."""
+    reads = WireReads(reader, settings.embedding_dtype, settings.cold_start_404)
+    return EmbeddingsService(reads, KeyChecker(settings.resolved_api_keys()))
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -318,21 +205,25 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 async def start_grpc_server(
-    reader: EmbeddingReader, settings: Settings, host: str, port: int, *, reuse_port: bool = False
+    reader: EmbeddingReader,
+    settings: Settings,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+    handlers: grpc.GenericRpcHandler | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server (read service, health, reflection); return it and its port.
     ``reuse_port``: share the port with the other processes of ``serve --workers N``
-    (SO_REUSEPORT; gRPC sets it by default on Linux, said here so it cannot change)."""
+    (SO_REUSEPORT; gRPC sets it by default on Linux, said here so it cannot change).
+    ``handlers`` replace the read service's (the benchmark's other candidates)."""
     keys = KeyChecker(settings.resolved_api_keys())
     interceptors = [_OpsAuth(keys)] if keys and settings.api_auth_ops else []
     options = server_options(settings)
     if reuse_port:
         options.append(("grpc.so_reuseport", 1))
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    service = EmbeddingsService(
-        reader, keys, settings.embedding_dtype, cold_start_disabled=settings.cold_start_404
-    )
-    server.add_generic_rpc_handlers((_service_handler(service),))
+    server.add_generic_rpc_handlers((handlers or read_handlers(read_service(reader, settings)),))
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     reflection.enable_server_reflection(
