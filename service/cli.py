@@ -480,14 +480,41 @@ def _cmd_migrate_keys(args: argparse.Namespace) -> None:
 def _cmd_bench_read(args: argparse.Namespace) -> None:
     from service.bench.read import BenchConfig, run_read_bench
 
+    def levels(text: str) -> list[int]:
+        return [int(c) for c in text.split(",")]
+
     config = BenchConfig(
         redis_url=args.redis_url,
-        concurrency=[int(c) for c in args.concurrency.split(",")],
+        concurrency=levels(args.concurrency),
         duration_s=args.duration,
         users=args.users,
         batch_size=args.batch_size,
+        workers=levels(args.workers),
+        rounds=args.rounds,
+        client=args.client,
+        client_concurrency=levels(args.client_concurrency) if args.client_concurrency else None,
+        hedge=args.hedge,
+        hedge_concurrency=args.hedge_concurrency,
+        hedge_after_ms=args.hedge_after_ms,
     )
     run_read_bench(config)
+
+
+def _cmd_bench_grpc(args: argparse.Namespace) -> None:
+    from service.bench.grpc_servers import GrpcBenchConfig, run_grpc_bench
+
+    run_grpc_bench(
+        GrpcBenchConfig(
+            redis_url=args.redis_url,
+            concurrency=[int(c) for c in args.concurrency.split(",")],
+            duration_s=args.duration,
+            users=args.users,
+            batch_size=args.batch_size,
+            candidates=args.candidates.split(","),
+            channels=args.channels,
+            rounds=args.rounds,
+        )
+    )
 
 
 def _cmd_bench_ingest(args: argparse.Namespace) -> None:
@@ -662,14 +689,69 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print numbers next to a baseline")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     read = bench_sub.add_parser(
-        "read", help="API over HTTP and gRPC vs raw Redis GET/MGET, same load generator"
+        "read",
+        help="API over HTTP and gRPC vs raw Redis GET/MGET, same load generator; the client"
+        " library vs raw httpx; hedging with one of two server processes slowed",
     )
     read.add_argument("--redis-url", help="existing Redis (default: start a private one)")
     read.add_argument("--concurrency", default="8,32,64", help="comma-separated levels")
     read.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     read.add_argument("--users", type=int, default=10_000)
     read.add_argument("--batch-size", type=int, default=100, help="users per batch (0 = skip)")
+    read.add_argument(
+        "--workers",
+        default="1",
+        help="serve --workers counts, comma-separated: several are measured side by side,"
+        " rows labelled [wN] (default 1)",
+    )
+    read.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="the targets of a level are measured in turns, this many slices of"
+        " duration/rounds each (default 3)",
+    )
+    read.add_argument(
+        "--no-client",
+        dest="client",
+        action="store_false",
+        help="skip the client library vs raw httpx rows",
+    )
+    read.add_argument(
+        "--client-concurrency",
+        help="levels of the client rows, comma-separated (default: the middle --concurrency)",
+    )
+    read.add_argument(
+        "--no-hedge",
+        dest="hedge",
+        action="store_false",
+        help="skip the hedging rows (client gets, serve --workers 2, one process paused)",
+    )
+    read.add_argument("--hedge-concurrency", type=int, default=4, help="tasks of the hedging rows")
+    read.add_argument(
+        "--hedge-after-ms",
+        type=float,
+        help="hedge delay (default: the p95 of the unhedged reads, both processes healthy)",
+    )
     read.set_defaults(func=_cmd_bench_read)
+    grpc_bench = bench_sub.add_parser(
+        "grpc", help="gRPC server candidates vs the HTTP path, per process (docs/grpc.md)"
+    )
+    grpc_bench.add_argument("--redis-url", help="existing Redis (default: start a private one)")
+    grpc_bench.add_argument("--concurrency", default="8,32", help="comma-separated levels")
+    grpc_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    grpc_bench.add_argument("--users", type=int, default=10_000)
+    grpc_bench.add_argument("--batch-size", type=int, default=100, help="users per batch")
+    grpc_bench.add_argument(
+        "--candidates",
+        default="aio-messages,aio-bytes,sync-pool,grpclib,aio-constant",
+        help="comma-separated (grpclib is skipped when not installed; aio-constant is a ceiling)",
+    )
+    grpc_bench.add_argument("--channels", type=int, default=4, help="gRPC channels of the load")
+    grpc_bench.add_argument(
+        "--rounds", type=int, default=1, help="every target measured again, interleaved"
+    )
+    grpc_bench.set_defaults(func=_cmd_bench_grpc)
     ingest_bench = bench_sub.add_parser("ingest", help="events/s: memory vs Kafka, decoders")
     ingest_bench.add_argument("--events", type=int, default=40_000)
     ingest_bench.add_argument("--users", type=int, default=10_000)

@@ -1,30 +1,31 @@
 """Read-path benchmark: the API over HTTP and gRPC next to a raw Redis read of the same
 records.
 
-All targets run under one load generator (same tasks, same user draws, same timing),
-so the api/redis ratio is what the API adds on top of its one Redis round trip.
-Single-user reads (GET / GetEmbedding / Redis GET) and batches (batchGet with JSON
-numbers and with base64 float16 / BatchGetEmbeddings / Redis MGET of ``batch_size``
-users) are measured at each concurrency. The numbers are printed, never asserted.
-With ``redis_url`` given, ``ue:u0..`` are overwritten.
+All targets run under one load generator (same tasks, same user draws, same timing;
+the targets of a level in turns), so the api/redis ratio is what the API adds on top of
+its one Redis round trip. Single-user reads (GET / GetEmbedding / Redis GET) and batches
+(batchGet with JSON numbers and with base64 float16 / BatchGetEmbeddings / Redis MGET of
+``batch_size`` users) are measured at each concurrency. With several ``workers`` counts,
+each runs its own ``userembed serve --workers N``, and its rows, labelled ``[wN]``, are
+measured beside the others' at each level. Then the client library next to raw httpx
+(:mod:`service.bench.client`), and the client's reads with and without hedging while one
+of two server processes is paused in a duty cycle (:mod:`service.bench.hedging`). The
+numbers are printed, never asserted. With ``redis_url`` given, ``ue:u0..`` are
+overwritten.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
-import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
 import numpy as np
@@ -33,21 +34,36 @@ import redis.asyncio as aioredis
 import uvloop
 
 from service.api.proto.userembed.v1 import embeddings_pb2 as pb
+from service.bench.api_process import ApiServer, api_process, populate, wait_ready
+from service.bench.client import client_section
+from service.bench.hedging import hedge_section
+from service.bench.loadgen import BenchRow as BenchRow
+from service.bench.loadgen import Request as Request
+from service.bench.loadgen import (
+    Target,
+    measure,
+    measure_in_turns,
+    print_header,
+    print_row,
+    quiet_httpx,
+    ratio,
+)
 from service.bench.provenance import commit_id
-from service.core.clock import now_ms
-from service.core.embeddings import EmbeddingRecord
 from service.store.keys import DEFAULT_SHARDS, KeyLayout
-from service.store.redis import RedisStore
-from service.store.redis_server import free_port, private_redis, stop_process
+from service.store.redis_server import private_redis
 
-DIM = 128
 DRAWS_PER_TASK = 4096  # requests prepared up front per task (cycled), so the loop stays cheap
 BATCH_DRAWS_PER_TASK = 256
-Request = Callable[[Any], Awaitable[bool]]
-_ROW = "{:<17} {:>4} {:>9} {:>7} {:>9} {:>8} {:>8} {:>9}"
 GET_METHOD = "/userembed.v1.Embeddings/GetEmbedding"
 BATCH_METHOD = "/userembed.v1.Embeddings/BatchGetEmbeddings"
-
+WIDTH = 21  # of the target column: "api-http-b100-f16[w2]"
+Draws = Sequence[Sequence[str]]  # per task, the users it reads in turn
+Groups = Sequence[Sequence[list[str]]]  # per task, the batches it reads in turn
+# `bench grpc` imports these from here under their former names
+_measure = measure
+_print_row = print_row
+_populate = populate
+_wait_ready = wait_ready
 
 LAYOUT = KeyLayout(DEFAULT_SHARDS)  # the API process runs with the default settings
 
@@ -55,120 +71,65 @@ LAYOUT = KeyLayout(DEFAULT_SHARDS)  # the API process runs with the default sett
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
     """What to measure; ``redis_url=None`` starts a private redis-server for the run.
-    ``batch_size=0`` skips the batch rows."""
+    ``batch_size=0`` skips the batch rows. ``workers``: the ``serve --workers`` counts
+    measured side by side. A level's targets are measured in turns: ``rounds`` slices of
+    ``duration_s / rounds`` each. ``client``: the client library vs raw httpx rows at
+    ``client_concurrency`` (None: the middle level). ``hedge``: the hedging rows at
+    ``hedge_concurrency``, hedging after ``hedge_after_ms`` (None: the p95 of the same
+    reads unhedged, both processes healthy)."""
 
     redis_url: str | None = None
     concurrency: Sequence[int] = (8, 32, 64)
     duration_s: float = 5.0
     users: int = 10_000
     batch_size: int = 100
+    workers: Sequence[int] = (1,)
+    rounds: int = 3
+    client: bool = True
+    client_concurrency: Sequence[int] | None = None
+    hedge: bool = True
+    hedge_concurrency: int = 4
+    hedge_after_ms: float | None = None
 
+    def __post_init__(self) -> None:
+        levels = [*self.concurrency, *(self.client_concurrency or [])]
+        if not self.concurrency or min(levels) < 1 or self.hedge_concurrency < 1:
+            raise ValueError(f"concurrency levels must be >= 1, got {self}")
+        if self.duration_s <= 0 or self.users < 1 or self.batch_size < 0 or self.rounds < 1:
+            raise ValueError(
+                f"need duration_s > 0, users >= 1, batch_size >= 0, rounds >= 1: {self}"
+            )
+        if not self.workers or min(self.workers) < 1 or len(set(self.workers)) < len(self.workers):
+            raise ValueError(f"workers: distinct counts >= 1, got {list(self.workers)}")
+        if self.hedge_after_ms is not None and self.hedge_after_ms < 0:
+            raise ValueError(f"hedge_after_ms: >= 0 or None (the healthy p95), got {self}")
 
-@dataclass(frozen=True, slots=True)
-class BenchRow:
-    """One target at one concurrency level; latencies are per request, in milliseconds."""
+    @property
+    def channels(self) -> int:
+        """gRPC channels of the load (a connection each): one, as always, against one
+        process; with several processes, enough that the kernel spreads them."""
+        return 1 if max(self.workers) == 1 else 2 * max(self.workers)
 
-    target: str
-    concurrency: int
-    requests: int
-    errors: int
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    p999_ms: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Ports:
-    http: int
-    grpc: int
+    def label(self, target: str, workers: int) -> str:
+        return f"{target}[w{workers}]" if len(self.workers) > 1 else target
 
 
 def run_read_bench(config: BenchConfig) -> list[BenchRow]:
     """Populate Redis, start the API as a subprocess, measure every target, print a table."""
-    if not config.concurrency or min(config.concurrency) < 1:
-        raise ValueError(f"concurrency levels must be >= 1, got {list(config.concurrency)}")
-    if config.duration_s <= 0 or config.users < 1 or config.batch_size < 0:
-        raise ValueError(f"need duration_s > 0, users >= 1, batch_size >= 0, got {config}")
     # Imported here: building the stand-in pulls in onnx, which the rest of the module avoids.
     from models.standin import publish_standin
 
     with contextlib.ExitStack() as stack:
         url = config.redis_url or stack.enter_context(private_redis())
         registry = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="userembed-bench-")))
-        uvloop.run(_populate(url, config.users))
+        uvloop.run(populate(url, config.users))
         publish_standin(registry)
-        ports = _Ports(free_port(), free_port())
-        stack.enter_context(_api_process(url, registry, ports))
-        return uvloop.run(_bench(url, ports, config))
-
-
-async def _populate(url: str, users: int, chunk: int = 1000) -> None:
-    """Write ``ue:u0..`` through the production codec, so the API decodes real records."""
-    vectors = np.random.default_rng(0).standard_normal((users, DIM))
-    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
-    at = now_ms()
-    store = RedisStore(url, timeout_ms=5000)
-    try:
-        for lo in range(0, users, chunk):
-            ids = range(lo, min(lo + chunk, users))
-            records = {f"u{i}": EmbeddingRecord(vectors[i], "bench", "bench", at, 1) for i in ids}
-            await store.put_embeddings(records)
-    finally:
-        await store.close()
-
-
-@contextlib.contextmanager
-def _api_process(redis_url: str, registry: Path, ports: _Ports) -> Iterator[None]:
-    """Run ``userembed serve`` until the block exits; every stored record reads as fresh."""
-    env = {k: v for k, v in os.environ.items() if k not in ("USEREMBED_API_KEYS",)}
-    env.update(
-        USEREMBED_REDIS_URL=redis_url,
-        USEREMBED_REGISTRY_PATH=str(registry),
-        USEREMBED_REFRESH_AFTER_S="86400",  # no refresh writes to disturb the comparison
-        USEREMBED_API_EVENTS_ENABLED="false",
-    )
-    command = [sys.executable, "-m", "service.cli", "serve"]
-    command += ["--port", str(ports.http), "--grpc-port", str(ports.grpc)]
-    # stderr to a file, not a pipe: a pipe nobody reads could fill and stall the server
-    with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-        try:
-            _wait_ready(process, ports.http, stderr)
-            yield
-        finally:
-            stop_process(process)
-
-
-def _wait_ready(
-    process: subprocess.Popen[bytes], port: int, stderr: IO[bytes], timeout_s: float = 20.0
-) -> None:
-    """Poll /readyz, then check that u0 is served from the bench data (not cold start)."""
-    deadline = time.monotonic() + timeout_s
-    while process.poll() is None and time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            if _get_json(port, "/readyz")[0] == 200:
-                status, answer = _get_json(port, "/v1/users/u0/embedding")
-                if status == 200 and answer.get("status") == "fresh":
-                    return
-                raise RuntimeError(f"API serves u0 as {status} {answer}, expected the bench record")
-        time.sleep(0.1)
-    stderr.seek(0)
-    code = process.poll()
-    why = f"not ready within {timeout_s}s" if code is None else f"exited with {code}"
-    raise RuntimeError(
-        f"API on port {port} {why}; its stderr:\n" + stderr.read().decode(errors="replace").strip()
-    )
-
-
-def _get_json(port: int, path: str) -> tuple[int, dict[str, Any]]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        conn.close()
+        servers = {w: stack.enter_context(api_process(url, registry, w)) for w in config.workers}
+        hedged = None
+        if config.hedge:  # two server processes behind one port
+            hedged = servers.get(2) or stack.enter_context(api_process(url, registry, 2))
+        stack.enter_context(quiet_httpx())
+        return uvloop.run(_bench(url, list(servers.values()), hedged, config))
 
 
 class KeepAliveHttp:
@@ -248,102 +209,113 @@ def grpc_call(channel: grpc.aio.Channel, method: str, response: Any) -> Request:
     return send
 
 
-async def _measure(
-    target: str, requests: Sequence[Request], draws: Sequence[Sequence[Any]], duration_s: float
-) -> BenchRow:
-    """Closed loop: each task sends its next request as soon as the previous one answers,
-    until the window ends and it has counted at least one (a stall that outlasts a short
-    window, on a loaded machine, still yields a sample instead of an empty row)."""
-    start = time.perf_counter_ns()
-    count_from = start + int(min(1.0, duration_s / 4) * 1e9)  # warm-up is not counted
-    end = count_from + int(duration_s * 1e9)
-    latencies: list[list[int]] = [[] for _ in requests]
-    errors = [0] * len(requests)
-
-    async def run(i: int) -> None:
-        request, payloads, counted = requests[i], draws[i], latencies[i]
-        k = 0
-        while (t0 := time.perf_counter_ns()) < end or not counted:
-            ok = await request(payloads[k % len(payloads)])
-            elapsed = time.perf_counter_ns() - t0
-            k += 1
-            if t0 >= count_from:
-                counted.append(elapsed)
-                errors[i] += not ok
-
-    await asyncio.gather(*(run(i) for i in range(len(requests))))
-    window_s = (time.perf_counter_ns() - count_from) / 1e9
-    all_ns = np.concatenate([np.asarray(x, dtype=np.int64) for x in latencies])
-    p50, p99, p999 = (
-        np.percentile(all_ns, [50, 99, 99.9]) / 1e6 if all_ns.size else np.full(3, np.nan)
-    ).tolist()
-    n = int(all_ns.size)
-    return BenchRow(target, len(requests), n, sum(errors), n / window_s, p50, p99, p999)
-
-
-def _print_row(r: BenchRow) -> None:
-    ms = (f"{v:.3f}" for v in (r.p50_ms, r.p99_ms, r.p999_ms))
-    print(_ROW.format(r.target, r.concurrency, r.requests, r.errors, f"{r.rps:.0f}", *ms))
+@contextlib.asynccontextmanager
+async def _grpc_calls(
+    port: int, method: str, response: Any, channels: int, c: int
+) -> AsyncIterator[list[Request]]:
+    """``c`` tasks' calls, round-robin over ``channels`` channels (a connection each)."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    opened = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(channels)
+    ]
+    try:
+        calls = [grpc_call(ch, method, response) for ch in opened]
+        yield [calls[i % channels] for i in range(c)]
+    finally:
+        await asyncio.gather(*(ch.close() for ch in opened))
 
 
 def _print_ratios(c: int, rows: Sequence[BenchRow], base: BenchRow) -> None:
     parts = [
-        f"{r.target}: p50 x{_ratio(r.p50_ms, base.p50_ms)}"
-        f" p99 x{_ratio(r.p99_ms, base.p99_ms)} req/s x{_ratio(r.rps, base.rps)}"
+        f"{r.target}: p50 x{ratio(r.p50_ms, base.p50_ms)}"
+        f" p99 x{ratio(r.p99_ms, base.p99_ms)} req/s x{ratio(r.rps, base.rps)}"
         for r in rows
     ]
     print(f"  vs {base.target} c={c}: " + "  |  ".join(parts), flush=True)
 
 
-async def _single_rows(
-    ports: _Ports, redis_url: str, c: int, ids: Sequence[Sequence[str]], duration_s: float
-) -> list[BenchRow]:
-    draws = [list(row) for row in ids]
-    http = [KeepAliveHttp(ports.http) for _ in range(c)]
-    try:
-        api = await _measure("api-http", [h.get_embedding for h in http], draws, duration_s)
-    finally:
-        await asyncio.gather(*(h.close() for h in http))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
-        get = grpc_call(channel, GET_METHOD, pb.Embedding)
-        messages = [[pb.GetEmbeddingRequest(user_id=u) for u in row] for row in draws]
-        rpc = await _measure("api-grpc", [get] * c, messages, duration_s)
-    client = aioredis.Redis.from_url(redis_url, max_connections=c)
-    try:
-        keys = [[LAYOUT.embedding_key(u) for u in row] for row in draws]
-        base = await _measure("redis-get", [redis_get(client)] * c, keys, duration_s)
-    finally:
-        await client.aclose()
-    return [api, rpc, base]
+async def _single_targets(
+    stack: contextlib.AsyncExitStack, server: ApiServer, c: int, draws: Draws, config: BenchConfig
+) -> list[Target]:
+    """GET and GetEmbedding of one server at ``c``, their connections open until ``stack``
+    closes."""
+    http = [KeepAliveHttp(server.ports.http) for _ in range(c)]
+    stack.push_async_callback(_close_all, http)
+    channels = _grpc_calls(server.ports.grpc, GET_METHOD, pb.Embedding, config.channels, c)
+    gets = await stack.enter_async_context(channels)
+    messages = [[pb.GetEmbeddingRequest(user_id=u) for u in row] for row in draws]
+    return [
+        Target(config.label("api-http", server.workers), [h.get_embedding for h in http], draws),
+        Target(config.label("api-grpc", server.workers), gets, messages),
+    ]
 
 
-async def _batch_rows(
-    ports: _Ports, redis_url: str, c: int, groups: Sequence[Sequence[list[str]]], duration_s: float
-) -> list[BenchRow]:
-    n = len(groups[0][0])
-    http = [KeepAliveHttp(ports.http) for _ in range(c)]
-    try:
-        bodies = [[batch_request(g) for g in row] for row in groups]
-        api = await _measure(f"api-http-b{n}", [h.batch_get for h in http], bodies, duration_s)
+async def _batch_targets(
+    stack: contextlib.AsyncExitStack, server: ApiServer, c: int, groups: Groups, config: BenchConfig
+) -> list[Target]:
+    """batchGet (JSON numbers and base64 float16) and BatchGetEmbeddings of one server."""
+    n, w = len(groups[0][0]), server.workers
+    http = [KeepAliveHttp(server.ports.http) for _ in range(c)]
+    stack.push_async_callback(_close_all, http)
+    requests = [h.batch_get for h in http]
+    channels = _grpc_calls(
+        server.ports.grpc, BATCH_METHOD, pb.BatchGetEmbeddingsResponse, config.channels, c
+    )
+    calls = await stack.enter_async_context(channels)
+    return [
+        Target(config.label(f"api-http-b{n}", w), requests, _bodies(groups, "json")),
         # the same batches with base64 float16 vectors instead of JSON numbers
-        bodies = [[batch_request(g, "base64_float16") for g in row] for row in groups]
-        b64 = await _measure(f"api-http-b{n}-f16", [h.batch_get for h in http], bodies, duration_s)
-    finally:
-        await asyncio.gather(*(h.close() for h in http))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
-        call = grpc_call(channel, BATCH_METHOD, pb.BatchGetEmbeddingsResponse)
-        messages = [[pb.BatchGetEmbeddingsRequest(user_ids=g) for g in row] for row in groups]
-        rpc = await _measure(f"api-grpc-b{n}", [call] * c, messages, duration_s)
+        Target(config.label(f"api-http-b{n}-f16", w), requests, _bodies(groups, "base64_float16")),
+        Target(
+            config.label(f"api-grpc-b{n}", w),
+            calls,
+            [[pb.BatchGetEmbeddingsRequest(user_ids=g) for g in row] for row in groups],
+        ),
+    ]
+
+
+def _bodies(groups: Groups, encoding: str) -> list[list[bytes]]:
+    return [[batch_request(g, encoding) for g in row] for row in groups]
+
+
+async def _close_all(http: Sequence[KeepAliveHttp]) -> None:
+    await asyncio.gather(*(h.close() for h in http))
+
+
+async def _redis_get_target(
+    stack: contextlib.AsyncExitStack, redis_url: str, c: int, draws: Draws
+) -> Target:
+    """The baseline of the single reads: Redis GET of the same users' records."""
     client = aioredis.Redis.from_url(redis_url, max_connections=c)
-    try:
-        keys = [[[LAYOUT.embedding_key(u) for u in g] for g in row] for row in groups]
-        base = await _measure(f"redis-mget{n}", [redis_mget(client)] * c, keys, duration_s)
-    finally:
-        await client.aclose()
-    return [api, b64, rpc, base]
+    stack.push_async_callback(client.aclose)
+    keys = [[LAYOUT.embedding_key(u) for u in row] for row in draws]
+    return Target("redis-get", [redis_get(client)] * c, keys)
 
 
-async def _bench(redis_url: str, ports: _Ports, config: BenchConfig) -> list[BenchRow]:
+async def _redis_mget_target(
+    stack: contextlib.AsyncExitStack, redis_url: str, c: int, groups: Groups
+) -> Target:
+    """The baseline of the batches: Redis MGET of each batch's records."""
+    client = aioredis.Redis.from_url(redis_url, max_connections=c)
+    stack.push_async_callback(client.aclose)
+    keys = [[[LAYOUT.embedding_key(u) for u in g] for g in row] for row in groups]
+    return Target(f"redis-mget{len(groups[0][0])}", [redis_mget(client)] * c, keys)
+
+
+def single_draws(c: int, users: int) -> list[list[str]]:
+    """Per task, the users it reads, in order: the same for every target at level ``c``."""
+    ids = np.random.default_rng(c).integers(0, users, (c, DRAWS_PER_TASK))
+    return [[f"u{i}" for i in row] for row in ids.tolist()]
+
+
+def batch_draws(c: int, users: int, batch_size: int) -> list[list[list[str]]]:
+    ids = np.random.default_rng(1000 + c).integers(0, users, (c, BATCH_DRAWS_PER_TASK, batch_size))
+    return [[[f"u{i}" for i in g] for g in row] for row in ids.tolist()]
+
+
+async def _bench(
+    redis_url: str, servers: Sequence[ApiServer], hedged: ApiServer | None, config: BenchConfig
+) -> list[BenchRow]:
     info = aioredis.Redis.from_url(redis_url)
     try:
         redis_version = str((await info.info("server")).get("redis_version", "unknown"))
@@ -353,30 +325,76 @@ async def _bench(redis_url: str, ports: _Ports, config: BenchConfig) -> list[Ben
         f"userembed bench read  commit={commit_id()}  python={platform.python_version()}"
         f"  cpus={os.cpu_count()}  redis={redis_version}  users={config.users}"
         f"  duration={config.duration_s}s  batch={config.batch_size}"
+        f"  workers={','.join(map(str, config.workers))}  grpc_channels={config.channels}"
     )
-    print(_ROW.format("target", "conc", "requests", "errors", "req/s", "p50 ms", "p99 ms", "p99.9"))
+    print_header(WIDTH)
     rows: list[BenchRow] = []
     for c in config.concurrency:
-        # the same draws for every target: the same users, in the same order, per task
-        rng = np.random.default_rng(c)
-        ids = rng.integers(0, config.users, (c, DRAWS_PER_TASK))
-        single = await _single_rows(
-            ports, redis_url, c, [[f"u{i}" for i in row] for row in ids.tolist()], config.duration_s
-        )
-        for r in single:
-            _print_row(r)
-        _print_ratios(c, single[:2], single[2])
-        rows += single
+        draws = single_draws(c, config.users)
+        api = partial(_single_targets, c=c, draws=draws, config=config)
+        base = partial(_redis_get_target, redis_url=redis_url, c=c, draws=draws)
+        rows += await _level(c, servers, api, base, config)
     if config.batch_size:
         for c in config.concurrency:
-            rng = np.random.default_rng(1000 + c)
-            ids = rng.integers(0, config.users, (c, BATCH_DRAWS_PER_TASK, config.batch_size))
-            groups = [[[f"u{i}" for i in g] for g in row] for row in ids.tolist()]
-            batch = await _batch_rows(ports, redis_url, c, groups, config.duration_s)
-            for r in batch:
-                _print_row(r)
-            _print_ratios(c, batch[:3], batch[3])
-            rows += batch
+            groups = batch_draws(c, config.users, config.batch_size)
+            api = partial(_batch_targets, c=c, groups=groups, config=config)
+            base = partial(_redis_mget_target, redis_url=redis_url, c=c, groups=groups)
+            rows += await _level(c, servers, api, base, config)
+    if config.client:
+        rows += await _client_rows(servers[0], config)
+    if hedged is not None:
+        rows += await _hedge_rows(hedged, config)
+    return rows
+
+
+async def _client_rows(server: ApiServer, config: BenchConfig) -> list[BenchRow]:
+    """The client library vs raw httpx at each of ``client_concurrency`` (by default the
+    middle level), with that level's draws."""
+    middle = sorted(config.concurrency)[len(config.concurrency) // 2]
+    print(f"client library vs raw httpx, both over HTTP to serve --workers {server.workers}")
+    url = f"http://127.0.0.1:{server.ports.http}"
+    rows: list[BenchRow] = []
+    for c in config.client_concurrency or [middle]:
+        draws = single_draws(c, config.users)
+        groups = batch_draws(c, config.users, config.batch_size) if config.batch_size else None
+        duration_s, rounds = config.duration_s, config.rounds
+        rows += await client_section(url, c, draws, groups, duration_s, rounds, WIDTH)
+    return rows
+
+
+async def _hedge_rows(server: ApiServer, config: BenchConfig) -> list[BenchRow]:
+    draws = single_draws(config.hedge_concurrency, config.users)
+    pids, port, after_ms = server.server_pids(), server.ports.http, config.hedge_after_ms
+    return await hedge_section(port, pids, draws, config.duration_s, after_ms, WIDTH)
+
+
+async def _level(
+    c: int,
+    servers: Sequence[ApiServer],
+    api: Callable[[contextlib.AsyncExitStack, ApiServer], Awaitable[list[Target]]],
+    base: Callable[[contextlib.AsyncExitStack], Awaitable[Target]],
+    config: BenchConfig,
+) -> list[BenchRow]:
+    """Every server's ``api`` targets and the raw Redis ``base`` at ``c``, in turns;
+    printed, each against the base, and each server's against the first's (``[w2]`` vs
+    ``[w1]``)."""
+    async with contextlib.AsyncExitStack() as stack:
+        targets = [t for server in servers for t in await api(stack, server)]
+        targets.append(await base(stack))
+        rows = await measure_in_turns(targets, config.duration_s, config.rounds)
+    *measured, redis = rows
+    for r in rows:
+        print_row(r, WIDTH)
+    _print_ratios(c, measured, redis)
+    per_server = len(measured) // len(servers)
+    first = measured[:per_server]
+    for k in range(1, len(servers)):
+        parts = [
+            f"{r.target} vs {b.target}: req/s x{ratio(r.rps, b.rps)}"
+            f" p50 x{ratio(r.p50_ms, b.p50_ms)} p99 x{ratio(r.p99_ms, b.p99_ms)}"
+            for r, b in zip(measured[k * per_server : (k + 1) * per_server], first, strict=True)
+        ]
+        print(f"  c={c}: " + "  |  ".join(parts), flush=True)
     return rows
 
 
@@ -400,7 +418,3 @@ def redis_mget(client: aioredis.Redis) -> Request:
             return False
 
     return mget
-
-
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if b else "n/a"
