@@ -35,8 +35,10 @@ import numpy as np
 import uvloop
 
 from service.api.proto.userembed.v1 import embeddings_pb2 as pb
+from service.bench.api_process import populate, wait_ready
 from service.bench.grpc_candidates import CANDIDATES, available
 from service.bench.grpc_messages import encoding_costs, sample_answers
+from service.bench.loadgen import measure, print_row
 from service.bench.provenance import commit_id
 from service.bench.read import (
     BATCH_DRAWS_PER_TASK,
@@ -46,10 +48,6 @@ from service.bench.read import (
     BenchRow,
     KeepAliveHttp,
     Request,
-    _measure,
-    _populate,
-    _print_row,
-    _wait_ready,
     batch_request,
     grpc_call,
 )
@@ -121,13 +119,13 @@ def run_grpc_bench(config: GrpcBenchConfig) -> list[GrpcRow]:
     with contextlib.ExitStack() as stack:
         url = config.redis_url or stack.enter_context(private_redis())
         registry = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="userembed-bench-")))
-        uvloop.run(_populate(url, config.users))
+        uvloop.run(populate(url, config.users))
         publish_standin(registry)
         env = _server_env(url, registry)
         http_port = free_port()
         serve = ["-m", "service.cli", "serve", "--port", str(http_port), "--grpc-port", "0"]
         http = stack.enter_context(_process(HTTP, http_port, serve, env))
-        _wait_ready(http.process, http_port, http.stderr)
+        wait_ready(http.process, http_port, http.stderr)
         servers = [http]
         for name in available(config.candidates):
             port = free_port()
@@ -217,7 +215,7 @@ async def _measured(
         "-f16" if server.name == HTTP and kind == "batch" else ""
     )
     wall, cpu, own = time.perf_counter(), _cpu_seconds(server.process.pid), time.process_time()
-    row = await _measure(target, requests, draws, config.duration_s)
+    row = await measure(target, requests, draws, config.duration_s)
     wall = time.perf_counter() - wall
     server_cores = (_cpu_seconds(server.process.pid) - cpu) / wall
     client_cores = (time.process_time() - own) / wall
@@ -333,7 +331,7 @@ def _print_header(
 
 
 def _print(row: GrpcRow, base: GrpcRow | None) -> None:
-    _print_row(row.row)
+    print_row(row.row)
     parts = []
     if base is not None:
         r, b = row.row, base.row

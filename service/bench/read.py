@@ -34,14 +34,13 @@ import redis.asyncio as aioredis
 import uvloop
 
 from service.api.proto.userembed.v1 import embeddings_pb2 as pb
-from service.bench.api_process import ApiServer, api_process, populate, wait_ready
+from service.bench.api_process import ApiServer, api_process, populate
 from service.bench.client import client_section
 from service.bench.hedging import hedge_section
 from service.bench.loadgen import BenchRow as BenchRow
 from service.bench.loadgen import Request as Request
 from service.bench.loadgen import (
     Target,
-    measure,
     measure_in_turns,
     print_header,
     print_row,
@@ -59,11 +58,6 @@ BATCH_METHOD = "/userembed.v1.Embeddings/BatchGetEmbeddings"
 WIDTH = 21  # of the target column: "api-http-b100-f16[w2]"
 Draws = Sequence[Sequence[str]]  # per task, the users it reads in turn
 Groups = Sequence[Sequence[list[str]]]  # per task, the batches it reads in turn
-# `bench grpc` imports these from here under their former names
-_measure = measure
-_print_row = print_row
-_populate = populate
-_wait_ready = wait_ready
 
 LAYOUT = KeyLayout(DEFAULT_SHARDS)  # the API process runs with the default settings
 
