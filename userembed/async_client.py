@@ -18,7 +18,7 @@ from typing import TypeVar, overload
 from userembed.batching import DEFAULT_MAX_BATCH, check_user_id, split, users_per_request
 from userembed.coalescing import GetCoalescer
 from userembed.errors import DeadlineExceeded
-from userembed.hedging import hedged_async
+from userembed.hedging import HedgeBudget, hedged_async
 from userembed.options import ClientOptions
 from userembed.results import Batch, Embedding, ModelBatches, ModelInfo
 from userembed.retry import RetryPolicy, call_with_retries_async, deadline_after, remaining_s
@@ -68,6 +68,7 @@ class AsyncClient:
         max_batch: int = DEFAULT_MAX_BATCH,
         precision: Precision = "float16",
         hedge_after_s: float | None = None,
+        hedge_budget: float = 0.1,
         coalesce_window_s: float | None = None,
         max_connections: int = 32,
         transport: AsyncTransport | None = None,
@@ -81,11 +82,13 @@ class AsyncClient:
             max_batch=max_batch,
             precision=precision,
             hedge_after_s=hedge_after_s,
+            hedge_budget=hedge_budget,
             max_connections=max_connections,
             coalesce_window_s=coalesce_window_s,
         )
         self.target = Target.parse(url)
         self._transport = transport or open_async_transport(self.target, self.options)
+        self.hedge_budget = HedgeBudget(self.options.hedge_budget)  # its .denied counts
         self._coalescer = (
             GetCoalescer(self._batch, coalesce_window_s, max_batch)
             if coalesce_window_s is not None
@@ -173,7 +176,8 @@ class AsyncClient:
     async def _call(self, request: Callable[[], Awaitable[T]], deadline: float) -> T:
         """``request`` with retries (and hedges), bounded by ``deadline`` as a whole."""
         hedge = self.options.hedge_after_s
-        attempt = request if hedge is None else (lambda: hedged_async(request, hedge))
+        budget = self.hedge_budget
+        attempt = request if hedge is None else (lambda: hedged_async(request, hedge, budget))
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
                 return await call_with_retries_async(attempt, self.options.retry, deadline)

@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import TypeVar, overload
 
 from userembed.batching import DEFAULT_MAX_BATCH, check_user_id, split, users_per_request
-from userembed.hedging import hedged
+from userembed.hedging import HedgeBudget, hedged
 from userembed.options import ClientOptions
 from userembed.results import Batch, Embedding, ModelBatches, ModelInfo
 from userembed.retry import RetryPolicy, call_with_retries, deadline_after, remaining_s
@@ -57,7 +57,7 @@ class Client:
     ``max_batch`` the server's ``batch_get_max_ids`` (larger ``get_many`` calls are
     split); ``precision`` the vectors' wire format (float16 is exact for the default
     float16 store); ``hedge_after_s`` sends a second request when the first has not
-    answered by then (off by default).
+    answered by then (off by default), for at most ``hedge_budget`` of the calls.
     """
 
     def __init__(
@@ -72,6 +72,7 @@ class Client:
         max_batch: int = DEFAULT_MAX_BATCH,
         precision: Precision = "float16",
         hedge_after_s: float | None = None,
+        hedge_budget: float = 0.1,
         max_connections: int = 32,
         transport: Transport | None = None,
     ) -> None:
@@ -84,10 +85,12 @@ class Client:
             max_batch=max_batch,
             precision=precision,
             hedge_after_s=hedge_after_s,
+            hedge_budget=hedge_budget,
             max_connections=max_connections,
         )
         self.target = Target.parse(url)
         self._transport = transport or open_transport(self.target, self.options)
+        self.hedge_budget = HedgeBudget(self.options.hedge_budget)  # its .denied counts
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._pools_lock = threading.Lock()
 
@@ -178,7 +181,7 @@ class Client:
         if hedge is None:
             return call_with_retries(request, self.options.retry, deadline)
         return call_with_retries(
-            lambda: hedged(request, hedge, self._executor("hedges"), deadline),
+            lambda: hedged(request, hedge, self._executor("hedges"), deadline, self.hedge_budget),
             self.options.retry,
             deadline,
         )

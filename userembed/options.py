@@ -31,6 +31,7 @@ class ClientOptions:
     max_batch: int = DEFAULT_MAX_BATCH
     precision: Precision = "float16"
     hedge_after_s: float | None = None
+    hedge_budget: float = 0.1
     max_connections: int = 32
     coalesce_window_s: float | None = None
 
@@ -43,6 +44,8 @@ class ClientOptions:
             raise ValueError(f"precision={self.precision!r}: 'float16' or 'float32'")
         if self.hedge_after_s is not None and self.hedge_after_s < 0:
             raise ValueError(f"hedge_after_s={self.hedge_after_s}: >= 0 seconds, or None (off)")
+        if not 0 <= self.hedge_budget <= 1:
+            raise ValueError(f"hedge_budget={self.hedge_budget}: a share of calls, 0..1")
         if self.coalesce_window_s is not None and self.coalesce_window_s < 0:
             raise ValueError(
                 f"coalesce_window_s={self.coalesce_window_s}: >= 0 seconds, or None (off)"

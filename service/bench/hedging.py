@@ -172,6 +172,7 @@ class _Reads:
         self.url = f"http://127.0.0.1:{port}"
         inner = AsyncHttpTransport(self.url, max_connections=max(32, 2 * c))
         self.transport = _CountingTransport(inner)
+        self.denied = 0  # hedges the last row's client did not send (its hedge budget)
 
     async def row(
         self,
@@ -199,6 +200,7 @@ class _Reads:
 
         requests: list[Request] = [get] * len(draws)
         row = await measure(target, requests, draws, duration_s)
+        self.denied = client.hedge_budget.denied
         return row, (self.transport.sent - sent - calls) / max(calls, 1)
 
     async def aclose(self) -> None:
@@ -235,6 +237,7 @@ async def hedge_section(
         print_row(off_slow, width)
         with paused_periodically(paused, SLOW_STOP_S, SLOW_PERIOD_S) as on_pauses:
             on_slow, slow_share = await reads.row("hedge-on-slow", delay_s, draws, duration_s)
+            slow_denied = reads.denied
         print_row(on_slow, width)
         on_healthy, healthy_share = await reads.row("hedge-on-healthy", delay_s, draws, duration_s)
         print_row(on_healthy, width)
@@ -243,7 +246,8 @@ async def hedge_section(
     why = "the p95 of hedge-off-healthy" if hedge_after_ms is None else "given"
     print(
         f"  hedge_after_s={delay_s:.4f} ({why}); the paused process had {max(spread)} of the"
-        f" pool's {sum(spread)} connections; hedges sent for {slow_share:.1%} of calls slow,"
+        f" pool's {sum(spread)} connections; hedges sent for {slow_share:.1%} of calls slow"
+        f" ({slow_denied} more denied by the client's hedge budget),"
         f" {healthy_share:.1%} healthy; hedge-off-slow saw {off_pauses.summary()},"
         f" hedge-on-slow {on_pauses.summary()}",
         flush=True,

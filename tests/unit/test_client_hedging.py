@@ -16,7 +16,7 @@ import pytest
 
 from userembed import AsyncClient, Client, DeadlineExceeded, NotFound, Unavailable
 from userembed.errors import InvalidRequest
-from userembed.hedging import hedged, hedged_async
+from userembed.hedging import HedgeBudget, hedged, hedged_async
 from userembed.results import Embedding, ModelInfo
 from userembed.transport import Query
 
@@ -369,3 +369,78 @@ def test_a_read_names_one_model_or_several_not_a_mix() -> None:
             client.get_many(["u1"], model_versions={"clicks": "c1"})  # type: ignore[call-overload]
         one = client.get_many(["u1"], model="clicks")
     assert [e.model for e in one] == ["clicks"] and fake.queries[-1] == Query(("clicks",))
+
+
+class Denials(HedgeBudget):
+    """A budget that tells when it denied a hedge (``denial`` is set)."""
+
+    def __init__(self, ratio: float, burst: float = 1.0) -> None:
+        super().__init__(ratio, burst)
+        self.denial = threading.Event()
+
+    def spend(self) -> bool:
+        allowed = super().spend()
+        if not allowed:
+            self.denial.set()
+        return allowed
+
+
+def test_the_budget_lets_a_share_of_calls_hedge() -> None:
+    budget = HedgeBudget(0.5, burst=2)
+    assert [budget.spend(), budget.spend(), budget.spend()] == [True, True, False]
+    assert budget.denied == 1
+    budget.called()
+    assert budget.spend() is False  # half a hedge earned
+    budget.called()
+    assert budget.spend() is True  # two calls: one hedge
+    for _ in range(10):
+        budget.called()
+    assert [budget.spend() for _ in range(3)] == [True, True, False]  # burst caps the savings
+    assert budget.denied == 3
+    for ratio, burst in ((-0.1, 1), (1.1, 1), (0.1, 0.5)):
+        with pytest.raises(ValueError, match="need 0 <= ratio <= 1 and burst >= 1"):
+            HedgeBudget(ratio, burst)
+
+
+def test_a_call_without_budget_waits_for_its_first_request() -> None:
+    budget = Denials(0.0)
+    assert budget.spend()  # the burst's one hedge, spent
+    with Requests(held={0}) as requests:
+        with ThreadPoolExecutor(1) as caller:
+            call = caller.submit(
+                hedged, requests.request, 0.001, requests, time.monotonic() + HOLD_S, budget
+            )
+            assert budget.denial.wait(HOLD_S)  # past the hedge delay, no hedge sent
+            requests.release(0)
+            got = call.result(HOLD_S)
+    assert got.model_version == "request-0" and requests.finished == [0]
+    assert budget.denied == 1
+
+
+async def test_an_async_call_without_budget_waits_for_its_first_request() -> None:
+    budget = Denials(0.0)
+    assert budget.spend()
+    gate = asyncio.Event()
+    sent: list[int] = []
+
+    async def request() -> Embedding:
+        n = len(sent)
+        sent.append(n)
+        await gate.wait()
+        return tagged("u1", n)
+
+    call = asyncio.ensure_future(hedged_async(request, 0.001, budget))
+    while not budget.denial.is_set():
+        await asyncio.sleep(0.001)
+    gate.set()
+    got = await asyncio.wait_for(call, HOLD_S)
+    assert (got.model_version, sent, budget.denied) == ("request-0", [0], 1)
+
+
+def test_clients_take_their_hedge_budget_from_the_options() -> None:
+    with Client(transport=FakeTransport(), hedge_after_s=0.01, hedge_budget=0.25) as client:
+        assert client.options.hedge_budget == 0.25
+        assert client.hedge_budget.spend()
+    assert AsyncClient(transport=AsyncFakeTransport()).options.hedge_budget == 0.1
+    with pytest.raises(ValueError, match=r"hedge_budget=1.5: a share of calls, 0..1"):
+        Client(transport=FakeTransport(), hedge_budget=1.5)
