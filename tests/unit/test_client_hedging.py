@@ -405,14 +405,13 @@ def test_the_budget_lets_a_share_of_calls_hedge() -> None:
 def test_a_call_without_budget_waits_for_its_first_request() -> None:
     budget = Denials(0.0)
     assert budget.spend()  # the burst's one hedge, spent
-    with Requests(held={0}) as requests:
-        with ThreadPoolExecutor(1) as caller:
-            call = caller.submit(
-                hedged, requests.request, 0.001, requests, time.monotonic() + HOLD_S, budget
-            )
-            assert budget.denial.wait(HOLD_S)  # past the hedge delay, no hedge sent
-            requests.release(0)
-            got = call.result(HOLD_S)
+    with Requests(held={0}) as requests, ThreadPoolExecutor(1) as caller:
+        call = caller.submit(
+            hedged, requests.request, 0.001, requests, time.monotonic() + HOLD_S, budget
+        )
+        assert budget.denial.wait(HOLD_S)  # past the hedge delay, no hedge sent
+        requests.release(0)
+        got = call.result(HOLD_S)
     assert got.model_version == "request-0" and requests.finished == [0]
     assert budget.denied == 1
 
