@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
-Fetch = Callable[[Sequence[str]], Awaitable[list[T]]]
+Fetch = Callable[[Sequence[str]], Awaitable[Sequence[T]]]
 
 
 class ReadCoalescer(Generic[T]):

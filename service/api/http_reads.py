@@ -12,12 +12,14 @@ exactly the answers it got before there were several models.
 
 from __future__ import annotations
 
+from binascii import b2a_base64
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import parse_qsl
 
 import msgspec
+import numpy as np
 import orjson
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope
@@ -28,6 +30,7 @@ from service.api.reads import (
     DEFAULT_ONLY,
     ENCODINGS,
     Answer,
+    AnswerColumns,
     EmbeddingReader,
     Encoding,
     ReadError,
@@ -37,6 +40,7 @@ from service.api.reads import (
     parse_pin,
     parse_pins,
 )
+from service.core.embeddings import LITTLE_ENDIAN, EmbeddingDtype, StoredColumns
 from service.core.events import USER_ID_PATTERN
 from service.core.json_depth import json_depth_problem
 from service.core.model_names import MODEL_NAME_PATTERN
@@ -115,6 +119,61 @@ def answer_dicts(
     return bodies
 
 
+def columns_body(answers: AnswerColumns, encoding: Encoding, named: bool = False) -> bytes:
+    """The batchGet body of answers read as columns, the same bytes as orjson writes of
+    :func:`answer_dicts`, without a dict per user: each answer is its user, vector and
+    numbers put into one of two byte templates (fresh, stale)."""
+    records = answers.records
+    head = b"".join(
+        (
+            b'{"user_id":%b,"embedding":',
+            b"%b" if encoding == "json" else b'"%b"',
+            b',"dim":%d,"model_version":%b,"space_version":%b,'
+            % (records.dim, _constant(records.model_version), _constant(records.space_version)),
+            b'"computed_at":%d,"feature_version":%d,"staleness_ms":%d,"status":',
+        )
+    )
+    tail = b',"model":%b}' % _constant(answers.model) if named else b"}"
+    templates = (head + b'"fresh"' + tail, head + b'"stale"' + tail)
+    columns = zip(
+        answers.user_ids,
+        _vectors(records, encoding),
+        records.computed_at_ms.tolist(),
+        records.feature_version.tolist(),
+        answers.staleness_ms.tolist(),
+        answers.stale.tolist(),
+        strict=True,
+    )
+    dumps = orjson.dumps
+    return b'{"embeddings":[%b]}' % b",".join(
+        [
+            templates[stale] % (dumps(user_id), vector, computed_at, feature_version, staleness)
+            for user_id, vector, computed_at, feature_version, staleness, stale in columns
+        ]
+    )
+
+
+def _constant(value: str) -> bytes:
+    """``value`` as JSON, for a template: its ``%`` escaped (a record's versions are
+    whatever its writer wrote)."""
+    return orjson.dumps(value).replace(b"%", b"%%")
+
+
+def _vectors(records: StoredColumns, encoding: Encoding) -> list[bytes]:
+    """Each record's vector as ``encoding`` writes it in JSON (quotes aside)."""
+    stored = records.vectors.view(LITTLE_ENDIAN[records.dtype])
+    if encoding == "json":  # one orjson call for the matrix, cut into its rows
+        as_json = orjson.dumps(stored.astype(np.float32), option=_JSON_OPTIONS)
+        return [b"[%b]" % row for row in as_json[2:-2].split(b"],[")] if len(stored) else []
+    want: EmbeddingDtype = "float16" if encoding == "base64_float16" else "float32"
+    packed = (
+        records.packed()
+        if want == records.dtype
+        else [row.tobytes() for row in stored.astype(LITTLE_ENDIAN[want])]
+    )
+    return [b2a_base64(data, newline=False) for data in packed]
+
+
 class ReadEndpoints:
     """The two read routes; each returns the JSON body of a 200 or raises ReadError."""
 
@@ -156,6 +215,8 @@ class ReadEndpoints:
         answers = await self._reader.batch_get(
             request.user_ids, request.pin, models=request.models, pins=request.pins
         )
+        if isinstance(answers, AnswerColumns):
+            return columns_body(answers, request.encoding, request.named)
         embeddings = answer_dicts(answers, request.encoding, request.named)
         return orjson.dumps({"embeddings": embeddings}, option=_JSON_OPTIONS)
 

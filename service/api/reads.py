@@ -17,10 +17,10 @@ import binascii
 import functools
 import logging
 import re
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Final, Literal, get_args
+from typing import Final, Literal, TypeGuard, get_args, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -32,7 +32,14 @@ from service.api.cold_start import ColdStartSource, ServedModels, as_served_mode
 from service.api.hot_cache import HotCache
 from service.api.refresh import RefreshRequester
 from service.core.clock import Clock, now_ms
-from service.core.embeddings import EmbeddingDtype, StoredEmbedding, packed_vector
+from service.core.embeddings import (
+    ITEMSIZE,
+    LITTLE_ENDIAN,
+    EmbeddingDtype,
+    StoredColumns,
+    StoredEmbedding,
+    packed_vector,
+)
 from service.core.events import USER_ID_PATTERN, user_id_problem
 from service.core.model_names import DEFAULT_MODEL, InvalidModelName, check_model_name
 from service.metrics import API_SERVED, API_SERVED_STALENESS, API_STORE_ERRORS
@@ -48,8 +55,6 @@ DEFAULT_ONLY: Final[tuple[str, ...]] = (DEFAULT_MODEL,)
 
 _STATUSES: Final[tuple[Status, ...]] = get_args(Status)
 _USER_IDS: Final = re.compile(f"(?:{USER_ID_PATTERN.pattern}\n)*")
-_LITTLE_ENDIAN: Final = {name: np.dtype(name).newbyteorder("<") for name in ("float16", "float32")}
-_ITEMSIZE: Final = {name: dtype.itemsize for name, dtype in _LITTLE_ENDIAN.items()}
 _STALENESS_SAMPLE: Final = 16
 
 
@@ -82,11 +87,11 @@ class Answer:
     @property
     def vector(self) -> npt.NDArray[np.floating] | None:
         """The vector, a read-only view of ``data``."""
-        return None if self.data is None else np.frombuffer(self.data, _LITTLE_ENDIAN[self.dtype])
+        return None if self.data is None else np.frombuffer(self.data, LITTLE_ENDIAN[self.dtype])
 
     @property
     def dim(self) -> int | None:
-        return None if self.data is None else len(self.data) // _ITEMSIZE[self.dtype]
+        return None if self.data is None else len(self.data) // ITEMSIZE[self.dtype]
 
     def packed(self, dtype: EmbeddingDtype) -> bytes:
         """The vector as little-endian ``dtype`` bytes (empty when there is none): the
@@ -95,7 +100,7 @@ class Answer:
             return b""
         if dtype == self.dtype:
             return self.data
-        return packed_vector(np.frombuffer(self.data, _LITTLE_ENDIAN[self.dtype]), dtype)
+        return packed_vector(np.frombuffer(self.data, LITTLE_ENDIAN[self.dtype]), dtype)
 
     def encoded(self, encoding: Encoding) -> npt.NDArray[np.float32] | str | None:
         """The vector for a JSON body: a float32 array (orjson writes it as numbers), or
@@ -103,9 +108,70 @@ class Answer:
         if self.data is None:
             return None
         if encoding == "json":
-            return np.frombuffer(self.data, _LITTLE_ENDIAN[self.dtype]).astype(np.float32)
+            return np.frombuffer(self.data, LITTLE_ENDIAN[self.dtype]).astype(np.float32)
         dtype: EmbeddingDtype = "float16" if encoding == "base64_float16" else "float32"
         return binascii.b2a_base64(self.packed(dtype), newline=False).decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerColumns(Sequence[Answer]):
+    """A batch's answers of one model, every user's stored record in ``records`` (one
+    layout, in the requested space): each answer is ``fresh``, or ``stale`` where
+    ``stale``. Indexing gives each as an :class:`Answer`; a front end can write the
+    columns without an object per user."""
+
+    user_ids: Sequence[str]
+    records: StoredColumns
+    staleness_ms: npt.NDArray[np.int64]
+    stale: npt.NDArray[np.bool_]
+    model: str
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def __iter__(self) -> Iterator[Answer]:
+        columns = zip(
+            self.user_ids,
+            self.stale.tolist(),
+            self.staleness_ms.tolist(),
+            self.records,
+            strict=True,
+        )
+        for user_id, stale, staleness, record in columns:
+            yield self._answer(user_id, stale, staleness, record)
+
+    @overload
+    def __getitem__(self, index: int) -> Answer: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Answer]: ...
+
+    def __getitem__(self, index: int | slice) -> Answer | Sequence[Answer]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        stale, staleness = bool(self.stale[index]), int(self.staleness_ms[index])
+        return self._answer(self.user_ids[index], stale, staleness, self.records[index])
+
+    def _answer(self, user_id: str, stale: bool, staleness: int, record: StoredEmbedding) -> Answer:
+        return _stored_answer(user_id, "stale" if stale else "fresh", record, staleness, self.model)
+
+
+def _stored_answer(
+    user_id: str, status: Status, record: StoredEmbedding, staleness: int, model: str
+) -> Answer:
+    """The answer of a stored ``record`` (without its vector when ``version_mismatch``)."""
+    return Answer(
+        user_id,
+        status,
+        None if status == "version_mismatch" else record.packed,
+        record.dtype,
+        record.model_version,
+        record.space_version,
+        record.computed_at_ms,
+        record.feature_version,
+        staleness,
+        model,
+    )
 
 
 def parse_encoding(value: str) -> Encoding:
@@ -286,10 +352,12 @@ class EmbeddingReader:
         *,
         models: Sequence[str] = DEFAULT_ONLY,
         pins: Mapping[str, str] | None = None,
-    ) -> list[Answer]:
+    ) -> Sequence[Answer]:
         """Answers in request order, user-major (each user's answer of each of ``models``
         in turn); users with nothing to serve get a status, not an error. ``pin`` pins
-        the space of a single model, ``pins`` the space of each model it names."""
+        the space of a single model, ``pins`` the space of each model it names. A batch
+        of one model whose records were all read as columns, in the pinned space, is
+        answered as :class:`AnswerColumns`."""
         self._check_served([*models, *(pins or ())])
         spaces = _model_pins(models, pin, pins or {})
         if len(user_ids) * len(models) > self.max_batch:
@@ -300,11 +368,23 @@ class EmbeddingReader:
         records = await self._records(user_ids, models)
         now = self._clock()
         refresh: list[str] = []
-        answers = [
-            self._answer(user_id, model, record, now, space, refresh)
-            for user_id, row in zip(user_ids, zip(*records, strict=True), strict=True)
-            for model, space, record in zip(models, spaces, row, strict=True)
-        ]
+        answer = self._answer
+        answers: Sequence[Answer]
+        if len(models) == 1:  # the usual batch: one model, no per-user tuple of records
+            (model,), (space,), (read,) = models, spaces, records
+            if _servable_columns(read, len(user_ids), space):
+                answers = self._columns(user_ids, model, read, now, refresh)
+            else:
+                answers = [
+                    answer(u, model, r, now, space, refresh)
+                    for u, r in zip(user_ids, read, strict=True)
+                ]
+        else:
+            answers = [
+                answer(user_id, model, record, now, space, refresh)
+                for user_id, row in zip(user_ids, zip(*records, strict=True), strict=True)
+                for model, space, record in zip(models, spaces, row, strict=True)
+            ]
         if refresh:
             self.refresher.request(refresh)
         _count(answers, models)
@@ -333,7 +413,7 @@ class EmbeddingReader:
 
     async def _records(
         self, user_ids: Sequence[str], models: Sequence[str]
-    ) -> list[list[StoredEmbedding | None]]:
+    ) -> Sequence[Sequence[StoredEmbedding | None]]:
         """The records ``[model][user]``: cached ones, and the rest in one store call (a
         user missing from the cache in any model is read in every model)."""
         if self.cache is None:
@@ -354,13 +434,13 @@ class EmbeddingReader:
 
     async def _fetch_model(
         self, model: str, user_ids: Sequence[str]
-    ) -> list[StoredEmbedding | None]:
+    ) -> Sequence[StoredEmbedding | None]:
         (records,) = await self._fetch(user_ids, (model,))
         return records
 
     async def _fetch(
         self, user_ids: Sequence[str], models: Sequence[str]
-    ) -> list[list[StoredEmbedding | None]]:
+    ) -> list[Sequence[StoredEmbedding | None]]:
         """One bounded store call for ``[model][user]`` records: a slow or absent store is
         a ``store_unavailable`` ReadError (one per failed call, shared by the coalesced
         callers), never a hang."""
@@ -383,6 +463,20 @@ class EmbeddingReader:
                 "store_unavailable", f"{reason}; retry shortly", self._retry_after_s
             ) from None
 
+    def _columns(
+        self,
+        user_ids: Sequence[str],
+        model: str,
+        records: StoredColumns,
+        now: int,
+        refresh: list[str],
+    ) -> AnswerColumns:
+        """:meth:`_answer` of every user at once, their records being ``records``."""
+        staleness = np.maximum(now - records.computed_at_ms, 0)
+        stale = staleness > self._refresh_after_ms
+        refresh.extend(user_ids[i] for i in np.flatnonzero(stale).tolist())
+        return AnswerColumns(user_ids, records, staleness, stale, model)
+
     def _answer(
         self,
         user_id: str,
@@ -395,24 +489,13 @@ class EmbeddingReader:
         """The answer for one user and model; users to refresh (missing or stale) go to
         ``refresh`` (a refresh recomputes every model of the user)."""
         if record is not None:
-            staleness = max(0, now - record.computed_at_ms)
+            staleness = record.staleness_ms(now)
             status: Status = "fresh" if staleness <= self._refresh_after_ms else "stale"
             if status == "stale":
                 refresh.append(user_id)
             if pin is not None and record.space_version != pin:
                 status = "version_mismatch"
-            return Answer(
-                user_id,
-                status,
-                None if status == "version_mismatch" else record.packed,
-                record.dtype,
-                record.model_version,
-                record.space_version,
-                record.computed_at_ms,
-                record.feature_version,
-                staleness,
-                model,
-            )
+            return _stored_answer(user_id, status, record, staleness, model)
         refresh.append(user_id)
         cold = None if self._cold_start_404 else self.models.cold_start(model)
         if cold is None or (pin is not None and cold.space_version != pin):
@@ -426,6 +509,18 @@ class EmbeddingReader:
             cold.space_version,
             model=model,
         )
+
+
+def _servable_columns(
+    records: Sequence[StoredEmbedding | None], users: int, pin: str | None
+) -> TypeGuard[StoredColumns]:
+    """Whether ``records`` (of ``users`` users) can be answered as columns: read as
+    :class:`StoredColumns`, one per user, in the pinned space if any."""
+    return (
+        isinstance(records, StoredColumns)
+        and len(records) == users
+        and (pin is None or records.space_version == pin)
+    )
 
 
 def _model_pins(
@@ -478,6 +573,9 @@ def _count(answers: Sequence[Answer], models: Sequence[str]) -> None:
     increment per (model, status); the staleness of the stored embeddings served, from at
     most ``_STALENESS_SAMPLE`` evenly spaced answers of a batch (each observation takes
     two locks: all 1,000 of a batch would be ~10% of it)."""
+    if isinstance(answers, AnswerColumns):
+        _count_columns(answers)
+        return
     step = len(models)
     for first, model in enumerate(models):
         counts = dict.fromkeys(_STATUSES, 0)
@@ -489,3 +587,13 @@ def _count(answers: Sequence[Answer], models: Sequence[str]) -> None:
     for answer in answers[:: max(1, len(answers) // _STALENESS_SAMPLE)]:
         if answer.staleness_ms is not None and answer.data is not None:
             API_SERVED_STALENESS.observe(answer.staleness_ms / 1000)
+
+
+def _count_columns(answers: AnswerColumns) -> None:
+    """:func:`_count` of answers read as columns: fresh and stale ones, all stored."""
+    stale = int(answers.stale.sum())
+    for status, count in (("fresh", len(answers) - stale), ("stale", stale)):
+        if count:
+            _served(answers.model, status).inc(count)
+    for staleness in answers.staleness_ms[:: max(1, len(answers) // _STALENESS_SAMPLE)].tolist():
+        API_SERVED_STALENESS.observe(staleness / 1000)

@@ -168,7 +168,7 @@ async def sample_answers(n: int, dim: int = 128) -> list[Answer]:
     records = {f"u{i}": EmbeddingRecord(v, "bench", "bench", at, 1) for i, v in enumerate(vectors)}
     await store.put_embeddings(records)
     reader = EmbeddingReader.from_settings(store, Settings(), lambda: None)
-    return await reader.batch_get(list(records))
+    return list(await reader.batch_get(list(records)))
 
 
 def encoding_costs(answers: Sequence[Answer], number: int = 20) -> tuple[float, float]:

@@ -16,7 +16,7 @@ from service.core.features import (
 )
 from service.core.model_names import DEFAULT_MODEL
 from service.store.protocol import RECLAIM_PER_CALL, DirtyStats, ModelRecords
-from service.store.records import embedding_or_none, features_or_none, stored_or_none
+from service.store.records import embedding_or_none, features_or_none, stored_records
 
 
 def _stored_version(record: bytes) -> bytes:
@@ -65,12 +65,12 @@ class MemoryStore:
 
     async def get_embeddings(
         self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
-    ) -> list[StoredEmbedding | None]:
-        return [stored_or_none(self._embeddings.get((model, u)), u) for u in user_ids]
+    ) -> Sequence[StoredEmbedding | None]:
+        return stored_records([self._embeddings.get((model, u)) for u in user_ids], user_ids)
 
     async def get_model_embeddings(
         self, user_ids: Sequence[str], models: Sequence[str]
-    ) -> list[list[StoredEmbedding | None]]:
+    ) -> list[Sequence[StoredEmbedding | None]]:
         return [await self.get_embeddings(user_ids, model) for model in models]
 
     async def put_embeddings(

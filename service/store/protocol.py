@@ -59,13 +59,13 @@ class Store(Protocol):
 
     async def get_embeddings(
         self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
-    ) -> list[StoredEmbedding | None]:
+    ) -> Sequence[StoredEmbedding | None]:
         """The users' records of ``model``, as stored (vectors left packed: the read path
-        serves them as they are)."""
+        serves them as they are); a :class:`StoredColumns` when they share one layout."""
 
     async def get_model_embeddings(
         self, user_ids: Sequence[str], models: Sequence[str]
-    ) -> list[list[StoredEmbedding | None]]:
+    ) -> list[Sequence[StoredEmbedding | None]]:
         """Every user's record of every model, ``[model][user]``, in one round trip (per
         node): all of a user's records share its shard's slot."""
 

@@ -4,16 +4,24 @@ and read as absent."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Final
 
 from service.core.embeddings import (
     EmbeddingDecodeError,
     EmbeddingRecord,
     StoredEmbedding,
+    read_columns,
     read_embedding,
 )
 from service.core.features import FeatureDecodeError, FeatureState, decode_features
 
 log = logging.getLogger(__name__)
+
+# Reading as columns costs ~13 us a call and ~0.3 us a record, one by one ~1.1 us a
+# record: even at 16 (and a batch answered as columns saves more downstream), a loss for
+# the few users of coalesced single reads.
+COLUMNS_FROM: Final = 16
 
 
 def features_or_none(raw: bytes | None, key: str) -> FeatureState | None:
@@ -44,3 +52,15 @@ def stored_or_none(raw: bytes | None, key: str | bytes) -> StoredEmbedding | Non
         shown = key.decode(errors="replace") if isinstance(key, bytes) else key
         log.warning("event=unreadable_embedding key=%s reason=%r", shown, str(exc))
         return None
+
+
+def stored_records(
+    raws: Sequence[bytes | None], keys: Sequence[str | bytes]
+) -> Sequence[StoredEmbedding | None]:
+    """Decode a bulk read for serving: as columns when it holds at least
+    ``COLUMNS_FROM`` records, every one is there and they share one layout (the usual
+    batch, :func:`read_columns`), else one by one."""
+    columns = read_columns(raws) if len(raws) >= COLUMNS_FROM else None
+    if columns is not None:
+        return columns
+    return [stored_or_none(raw, key) for raw, key in zip(raws, keys, strict=True)]

@@ -43,7 +43,7 @@ from service.store.protocol import (
     StoreMisconfigured,
     StoreUnavailable,
 )
-from service.store.records import embedding_or_none, features_or_none, stored_or_none
+from service.store.records import embedding_or_none, features_or_none, stored_records
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -368,18 +368,19 @@ class RedisStore:
 
     async def get_embeddings(
         self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
-    ) -> list[StoredEmbedding | None]:
+    ) -> Sequence[StoredEmbedding | None]:
         if not user_ids:
             return []
         keys = self._layout.embedding_keys(user_ids, model)
-        raws = await self._mget(keys)
-        return [stored_or_none(raw, key) for raw, key in zip(raws, keys, strict=True)]
+        return stored_records(await self._mget(keys), keys)
 
     async def get_model_embeddings(
         self, user_ids: Sequence[str], models: Sequence[str]
-    ) -> list[list[StoredEmbedding | None]]:
+    ) -> list[Sequence[StoredEmbedding | None]]:
         _, groups = await self._read(user_ids, models, with_features=False)
-        return [[stored_or_none(raw, key) for raw, key in group] for group in groups]
+        return [
+            stored_records([raw for raw, _ in group], [k for _, k in group]) for group in groups
+        ]
 
     async def put_embeddings(
         self, records: Mapping[str, EmbeddingRecord], model: str = DEFAULT_MODEL

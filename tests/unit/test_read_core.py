@@ -18,6 +18,7 @@ from service.api.cold_start import ColdStart
 from service.api.hot_cache import HotCache
 from service.api.reads import (
     Answer,
+    AnswerColumns,
     EmbeddingReader,
     ReadError,
     Status,
@@ -31,12 +32,13 @@ from service.api.reads import (
     parse_pins,
 )
 from service.api.refresh import RefreshRequester
-from service.core.embeddings import EmbeddingRecord
+from service.core.embeddings import EmbeddingRecord, StoredEmbedding
 from service.core.events import USER_ID_RULE
 from service.core.model_names import DEFAULT_MODEL
 from service.settings import Settings
 from service.store.memory import MemoryStore
 from service.store.protocol import StoreMisconfigured, StoreUnavailable
+from service.store.records import COLUMNS_FROM
 from tests.helpers import BASE_TS
 
 
@@ -165,6 +167,10 @@ class Refreshes:
 
 def metric(name: str, labels: dict[str, str] | None = None) -> float:
     return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+STALENESS_COUNT = "userembed_api_served_staleness_seconds_count"
+STALENESS_SUM = "userembed_api_served_staleness_seconds_sum"
 
 
 def served(status: str, model: str = DEFAULT_MODEL) -> float:
@@ -514,6 +520,93 @@ async def test_a_store_answering_too_few_records_is_an_error_not_a_short_answer(
         reader = reader_for(ShortStore(), Refreshes(), cache=cache)
         with pytest.raises(ValueError, match="zip"):
             await reader.batch_get(["u1", "u2"])
+
+
+class OneByOneStore(MemoryStore):
+    """Reads every record one by one (never as columns): the reference of the columns."""
+
+    async def get_embeddings(
+        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+    ) -> list[StoredEmbedding | None]:
+        return list(await super().get_embeddings(user_ids, model))
+
+
+def batch_records(n: int) -> dict[str, EmbeddingRecord]:
+    """``n`` users on both sides of the refresh age, one in the future."""
+    vectors = np.random.default_rng(n).standard_normal((n, 3)).astype(np.float16)
+    ages = [REFRESH_AFTER_MS + 2 - i for i in range(n - 1)] + [-5]
+    return {
+        f"u{i}": EmbeddingRecord(v, "m2", "m1", BASE_TS - age, i)
+        for i, (v, age) in enumerate(zip(vectors, ages, strict=True))
+    }
+
+
+async def test_a_batch_of_one_layout_is_answered_as_columns_as_one_by_one() -> None:
+    """Fresh and stale users, refreshes, counters and sampled staleness: the same whether
+    the batch is answered as columns or user by user."""
+    users = batch_records(COLUMNS_FROM + 2)
+    outcomes = []
+    for store in (MemoryStore(), OneByOneStore()):
+        await store.put_embeddings(users)
+        refreshes = Refreshes()
+        before = (served("fresh"), served("stale"), metric(STALENESS_COUNT), metric(STALENESS_SUM))
+        answers = await reader_for(store, refreshes).batch_get(list(users))
+        after = (served("fresh"), served("stale"), metric(STALENESS_COUNT), metric(STALENESS_SUM))
+        counted = [b - a for a, b in zip(before, after, strict=True)]
+        outcomes.append((answers, list(answers), refreshes.requested, counted))
+    (columns, as_list, refreshed, counted), (one_by_one, expected, *reference) = outcomes
+    assert isinstance(columns, AnswerColumns) and not isinstance(one_by_one, AnswerColumns)
+    assert as_list == expected
+    assert [a.status for a in expected] == ["stale", "stale"] + ["fresh"] * COLUMNS_FROM
+    assert refreshed == reference[0] and counted == pytest.approx(reference[1])
+    assert counted[:3] == [COLUMNS_FROM, 2, COLUMNS_FROM + 2]  # every answer sampled
+    assert len(columns) == len(expected)
+    assert [columns[i] for i in range(len(columns))] == expected
+    assert (columns[-1], columns[2:5], columns[::-3]) == (
+        expected[-1],
+        expected[2:5],
+        expected[::-3],
+    )
+    with pytest.raises(IndexError):
+        columns[len(columns)]
+
+
+async def test_a_batch_is_answered_user_by_user_unless_every_record_can_be_served_as_is() -> None:
+    store = MemoryStore()
+    users = batch_records(COLUMNS_FROM)
+    await store.put_embeddings(users)
+    reader = reader_for(store, Refreshes())
+    assert isinstance(await reader.batch_get(list(users)), AnswerColumns)
+    assert isinstance(await reader.batch_get(list(users), "m1"), AnswerColumns)  # its space
+    named = await reader.batch_get(list(users), models=["default"])
+    assert isinstance(named, AnswerColumns) and named[0].model == "default"
+    for answers in (
+        await reader.batch_get(list(users)[1:]),  # too few to read as columns
+        await reader.batch_get([*users, "nobody"]),  # a cold start
+        await reader.batch_get(list(users), "m0"),  # another space
+    ):
+        assert not isinstance(answers, AnswerColumns)
+    mismatched = await reader.batch_get(list(users), "m0")
+    assert {a.status for a in mismatched} == {"version_mismatch"}
+    cached = reader_for(store, Refreshes(), cache=HotCache(ttl_ms=60_000, max_users=100))
+    assert not isinstance(await cached.batch_get(list(users)), AnswerColumns)
+
+
+class ShortColumnsStore(MemoryStore):
+    """Answers one record too few, read as columns."""
+
+    async def get_embeddings(
+        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+    ) -> Sequence[StoredEmbedding | None]:
+        return await super().get_embeddings(user_ids[:-1], model)
+
+
+async def test_columns_of_the_wrong_length_are_an_error_not_a_short_answer() -> None:
+    store = ShortColumnsStore()
+    users = batch_records(COLUMNS_FROM + 1)
+    await store.put_embeddings(users)
+    with pytest.raises(ValueError, match="zip"):
+        await reader_for(store, Refreshes()).batch_get(list(users))
 
 
 # -- several models --------------------------------------------------------------------
