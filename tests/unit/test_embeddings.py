@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -187,3 +188,16 @@ def test_columns_are_always_what_one_by_one_reads(draws: list[tuple[tuple, bool]
     layouts_seen = {layout for layout, _ in draws}
     if len(layouts_seen) == 1 and not any(broken for _, broken in draws):
         assert isinstance(columns, StoredColumns) and len(columns) == len(raws)
+
+
+def test_columns_of_different_lengths_are_refused_when_read() -> None:
+    """read_columns never builds them; a caller that does gets an error, not fewer records."""
+    columns = read_columns(records(2))
+    assert columns is not None
+    for short in (
+        dataclasses.replace(columns, computed_at_ms=columns.computed_at_ms[:1]),
+        dataclasses.replace(columns, feature_version=columns.feature_version[:1]),
+        dataclasses.replace(columns, vectors=columns.vectors[:1]),
+    ):
+        with pytest.raises(ValueError, match="zip"):
+            list(short)

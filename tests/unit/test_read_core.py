@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, get_args
 
@@ -590,6 +591,21 @@ async def test_a_batch_is_answered_user_by_user_unless_every_record_can_be_serve
     assert {a.status for a in mismatched} == {"version_mismatch"}
     cached = reader_for(store, Refreshes(), cache=HotCache(ttl_ms=60_000, max_users=100))
     assert not isinstance(await cached.batch_get(list(users)), AnswerColumns)
+
+
+async def test_answer_columns_of_different_lengths_are_refused_when_read() -> None:
+    store = MemoryStore()
+    users = batch_records(COLUMNS_FROM)
+    await store.put_embeddings(users)
+    answers = await reader_for(store, Refreshes()).batch_get(list(users))
+    assert isinstance(answers, AnswerColumns)
+    for short in (
+        dataclasses.replace(answers, user_ids=answers.user_ids[1:]),
+        dataclasses.replace(answers, stale=answers.stale[1:]),
+        dataclasses.replace(answers, staleness_ms=answers.staleness_ms[1:]),
+    ):
+        with pytest.raises(ValueError, match="zip"):
+            list(short)
 
 
 class ShortColumnsStore(MemoryStore):
