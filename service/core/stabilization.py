@@ -79,17 +79,19 @@ def _line_step(
     return moved
 
 
-def _unit(rows: FloatArray) -> FloatArray:
+def _unit(rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     norms = np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), _EPS)
-    unit: FloatArray = (rows / norms).astype(np.float32)
+    unit: npt.NDArray[np.float64] = rows / norms
     return unit
 
 
 def _sphere_step(
     fresh: FloatArray, previous: FloatArray, weight: FloatArray, cap: float
 ) -> FloatArray:
-    """Rotate unit(previous) towards unit(fresh) by min(w * angle, cap) radians."""
-    p, x = _unit(previous).astype(np.float64), _unit(fresh).astype(np.float64)
+    """Rotate unit(previous) towards unit(fresh) by min(w * angle, cap) radians, in
+    float64: rows normalized in float32 are units only to ~1e-7, which the tangent of
+    nearly parallel rows magnifies into a result off the sphere by ~1e-5."""
+    p, x = _unit(previous.astype(np.float64)), _unit(fresh.astype(np.float64))
     cos = np.clip(np.einsum("nd,nd->n", p, x), -1.0, 1.0)
     angle = np.arccos(cos)
     turn = np.minimum(weight * angle, cap)

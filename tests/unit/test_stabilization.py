@@ -248,8 +248,8 @@ def test_config_bounds_are_inclusive_where_documented() -> None:
 
 
 def test_a_turn_too_small_to_have_a_direction_takes_the_fresh_vector() -> None:
-    """Below ~1e-6 rad the tangent is undefined: the result is unit(fresh), bit for bit,
-    even where rounding puts the cosine of two float32 unit vectors above 1."""
+    """Below ~1e-6 rad the tangent is undefined: the result is unit(fresh) (normalized in
+    float64, as every row is), bit for bit, even where the cosine rounds above 1."""
     config = StabilizationConfig(time_constant_s=60, min_weight=0.5, max_step=3.0)
     tiny = (np.array([[1.0, 0.0]], np.float32), np.array([[1.0, 5e-7]], np.float32))
     previous = np.random.default_rng(1).standard_normal((1, 16)).astype(np.float32)
@@ -259,8 +259,9 @@ def test_a_turn_too_small_to_have_a_direction_takes_the_fresh_vector() -> None:
         out = stabilize(
             fresh, before, np.array([0]), np.ones(1, bool), normalized=True, config=config
         )
-        assert out.tolist() == unit(fresh).astype(np.float32).tolist()
-        assert out.tolist() != unit(before).astype(np.float32).tolist()
+        as_float64 = unit(fresh.astype(np.float64)).astype(np.float32)
+        assert out.tolist() == as_float64.tolist()
+        assert out.tolist() != unit(before.astype(np.float64)).astype(np.float32).tolist()
 
 
 @pytest.mark.parametrize("normalized", [True, False])
