@@ -20,6 +20,7 @@ from service.api.proto.userembed.v1 import embeddings_pb2 as pb
 from service.api.reads import (
     DEFAULT_ONLY,
     Answer,
+    AnswerColumns,
     EmbeddingReader,
     ReadError,
     parse_model,
@@ -107,6 +108,45 @@ def parse(message: type[M], data: bytes) -> M:
     return request
 
 
+def add_columns(
+    answers: AnswerColumns,
+    encoding: pb.Encoding,
+    dtype: EmbeddingDtype,
+    named: bool,
+    add: Callable[..., pb.Embedding],
+) -> None:
+    """:func:`to_message` of every answer read as columns, without an object per user:
+    the fields the answers share are given once."""
+    records = answers.records
+    shared = {
+        "encoding": encoding or pb.ENCODING_FLOAT32,
+        "dim": records.dim,
+        "model_version": records.model_version,
+        "space_version": records.space_version,
+        "model": answers.model if named else "",
+    }
+    statuses = (pb.STATUS_FRESH, pb.STATUS_STALE)
+    columns = zip(
+        answers.user_ids,
+        answers.stale.tolist(),
+        records.packed(dtype),
+        records.computed_at_ms.tolist(),
+        records.feature_version.tolist(),
+        answers.staleness_ms.tolist(),
+        strict=True,
+    )
+    for user_id, stale, vector, computed_at, feature_version, staleness in columns:
+        add(
+            user_id=user_id,
+            status=statuses[stale],
+            vector=vector,
+            computed_at=computed_at,
+            feature_version=feature_version,
+            staleness_ms=staleness,
+            **shared,
+        )
+
+
 class WireReads:
     """The three RPCs, bytes in and bytes out. ``dtype`` and ``cold_start_disabled``
     are what ListModels says of every model."""
@@ -145,8 +185,11 @@ class WireReads:
         )
         response = pb.BatchGetEmbeddingsResponse()
         add = response.embeddings.add
-        for answer in answers:
-            to_message(answer, encoding, dtype, named, add)
+        if isinstance(answers, AnswerColumns):
+            add_columns(answers, encoding, dtype, named, add)
+        else:
+            for answer in answers:
+                to_message(answer, encoding, dtype, named, add)
         encoded: bytes = response.SerializeToString()
         return encoded
 

@@ -166,12 +166,7 @@ def _vectors(records: StoredColumns, encoding: Encoding) -> list[bytes]:
         as_json = orjson.dumps(stored.astype(np.float32), option=_JSON_OPTIONS)
         return [b"[%b]" % row for row in as_json[2:-2].split(b"],[")] if len(stored) else []
     want: EmbeddingDtype = "float16" if encoding == "base64_float16" else "float32"
-    packed = (
-        records.packed()
-        if want == records.dtype
-        else [row.tobytes() for row in stored.astype(LITTLE_ENDIAN[want])]
-    )
-    return [b2a_base64(data, newline=False) for data in packed]
+    return [b2a_base64(data, newline=False) for data in records.packed(want)]
 
 
 class ReadEndpoints:

@@ -212,9 +212,13 @@ class StoredColumns(Sequence[StoredEmbedding]):
             packed, self.dtype, self.model_version, self.space_version, computed_at, feature_version
         )
 
-    def packed(self) -> list[bytes]:
-        """Each record's packed vector."""
-        blob, width = self.vectors.tobytes(), self.vectors.shape[1]
+    def packed(self, dtype: EmbeddingDtype | None = None) -> list[bytes]:
+        """Each record's vector as little-endian ``dtype`` bytes (default: as stored)."""
+        vectors = self.vectors
+        if dtype is not None and dtype != self.dtype:
+            as_dtype = vectors.view(LITTLE_ENDIAN[self.dtype]).astype(LITTLE_ENDIAN[dtype])
+            vectors = as_dtype.view(np.uint8)
+        blob, width = vectors.tobytes(), vectors.shape[1]
         if not width:
             return [b""] * len(self)
         return [blob[at : at + width] for at in range(0, len(blob), width)]

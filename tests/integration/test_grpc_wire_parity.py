@@ -21,6 +21,7 @@ from service.api.reads import EmbeddingReader
 from service.bench.grpc_messages import MessagesService
 from service.core.embeddings import EmbeddingRecord
 from service.settings import Settings
+from service.store.records import COLUMNS_FROM
 from service.store.redis import RedisStore
 from tests.helpers import BASE_TS
 
@@ -106,7 +107,7 @@ async def pair_factory(clean_redis: str) -> AsyncIterator[Callable[..., Awaitabl
     cleanups: list[Callable[[], Awaitable[None]]] = []
 
     async def make(**overrides: Any) -> Pair:
-        settings = Settings(refresh_after_s=60, batch_get_max_ids=6, **overrides)
+        settings = Settings(**{"refresh_after_s": 60, "batch_get_max_ids": 6, **overrides})
         reader = EmbeddingReader.from_settings(store, settings, Models(), lambda: BASE_TS)
         new, new_port = await start_grpc_server(reader, settings, "127.0.0.1", 0)
         old_handlers = MessagesService(reader, settings).handlers()
@@ -219,6 +220,39 @@ async def test_batch_get_embeddings_is_answered_as_before(
 ) -> None:
     request, code = BATCHES[case]
     assert_same(*await (await pair_factory()).both("BatchGetEmbeddings", request), code)
+
+
+async def test_a_batch_read_as_columns_is_answered_as_before(
+    clean_redis: str, pair_factory: Callable[..., Awaitable[Pair]]
+) -> None:
+    """Batches of one layout, answered from columns (add_columns), against the
+    reference servicer, which builds a message per answer."""
+    users = [f"bulk{i}" for i in range(COLUMNS_FROM + 2)]
+    vectors = np.random.default_rng(3).standard_normal((len(users), 4)).astype(np.float16)
+    store = RedisStore(clean_redis, timeout_ms=2000)
+    try:
+        await store.put_embeddings(
+            {
+                user: EmbeddingRecord(vector, "m1", "m1", BASE_TS - 7_000 * i, i)
+                for i, (user, vector) in enumerate(zip(users, vectors, strict=True))
+            }
+        )
+    finally:
+        await store.close()
+    pair = await pair_factory(batch_get_max_ids=100)
+    for request in (
+        Batch(user_ids=users, encoding=F16),
+        Batch(user_ids=users, encoding=F32),
+        Batch(user_ids=users),
+        Batch(user_ids=users, models=["default"], encoding=F16),
+        Batch(user_ids=users, model_version="m1"),
+    ):
+        new, old = await pair.both("BatchGetEmbeddings", request)
+        assert_same(new, old, "OK")
+        assert new.body is not None
+        answers = pb.BatchGetEmbeddingsResponse.FromString(new.body).embeddings
+        assert [e.user_id for e in answers] == users
+        assert {e.status for e in answers} == {pb.STATUS_FRESH, pb.STATUS_STALE}
 
 
 async def test_every_status_and_field_is_covered(

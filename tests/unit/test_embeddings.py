@@ -15,6 +15,7 @@ from service.core.embeddings import (
     StoredEmbedding,
     decode_embedding,
     encode_embedding,
+    packed_vector,
     read_columns,
     read_embedding,
 )
@@ -135,7 +136,9 @@ def test_records_of_one_layout_read_as_columns_read_as_one_by_one(dtype: str, di
     )
     assert (len(columns), columns.dim, columns.dtype) == (4, dim, dtype)
     assert (columns.model_version, columns.space_version) == ("v2", "v1")
-    assert columns.packed() == [r.packed for r in one_by_one]
+    assert columns.packed() == columns.packed(dtype) == [r.packed for r in one_by_one]  # type: ignore[arg-type]
+    for other in ("float16", "float32"):
+        assert columns.packed(other) == [packed_vector(r.vector, other) for r in one_by_one]  # type: ignore[arg-type]
     assert columns.computed_at_ms.tolist() == [1_760_000_000_000 + i for i in range(4)]
     assert columns.feature_version.tolist() == [2**63 + i for i in range(4)]
     with pytest.raises(IndexError):
