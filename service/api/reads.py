@@ -415,9 +415,10 @@ class EmbeddingReader:
         self, user_ids: Sequence[str], models: Sequence[str]
     ) -> Sequence[Sequence[StoredEmbedding | None]]:
         """The records ``[model][user]``: cached ones, and the rest in one store call (a
-        user missing from the cache in any model is read in every model)."""
+        user missing from the cache in any model is read in every model); without a cache,
+        one model's as columns where they can be."""
         if self.cache is None:
-            return await self._fetch(user_ids, models)
+            return await self._fetch(user_ids, models, columns=True)
         cache = self.cache
         records = [cache.get_many([(model, u) for u in user_ids]) for model in models]
         missing = [i for i in range(len(user_ids)) if any(r[i] is None for r in records)]
@@ -439,15 +440,16 @@ class EmbeddingReader:
         return records
 
     async def _fetch(
-        self, user_ids: Sequence[str], models: Sequence[str]
-    ) -> list[Sequence[StoredEmbedding | None]]:
-        """One bounded store call for ``[model][user]`` records: a slow or absent store is
-        a ``store_unavailable`` ReadError (one per failed call, shared by the coalesced
-        callers), never a hang."""
+        self, user_ids: Sequence[str], models: Sequence[str], columns: bool = False
+    ) -> Sequence[Sequence[StoredEmbedding | None]]:
+        """One bounded store call for ``[model][user]`` records (one model's as columns
+        where it can, with ``columns``): a slow or absent store is a ``store_unavailable``
+        ReadError (one per failed call, shared by the coalesced callers), never a hang."""
         try:
             async with asyncio.timeout(self._timeout_s):
                 if len(models) == 1:
-                    return [await self._store.get_embeddings(user_ids, models[0])]
+                    store = self._store
+                    return [await store.get_embeddings(user_ids, models[0], columns=columns)]
                 return await self._store.get_model_embeddings(user_ids, models)
         except StoreMisconfigured as exc:
             API_STORE_ERRORS.inc()

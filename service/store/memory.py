@@ -64,14 +64,15 @@ class MemoryStore:
         return conflicts
 
     async def get_embeddings(
-        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL, *, columns: bool = False
     ) -> Sequence[StoredEmbedding | None]:
-        return stored_records([self._embeddings.get((model, u)) for u in user_ids], user_ids)
+        raws = [self._embeddings.get((model, u)) for u in user_ids]
+        return stored_records(raws, user_ids, columns=columns)
 
     async def get_model_embeddings(
         self, user_ids: Sequence[str], models: Sequence[str]
-    ) -> list[Sequence[StoredEmbedding | None]]:
-        return [await self.get_embeddings(user_ids, model) for model in models]
+    ) -> list[list[StoredEmbedding | None]]:
+        return [list(await self.get_embeddings(user_ids, model)) for model in models]
 
     async def put_embeddings(
         self, records: Mapping[str, EmbeddingRecord], model: str = DEFAULT_MODEL

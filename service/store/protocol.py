@@ -58,14 +58,15 @@ class Store(Protocol):
         """
 
     async def get_embeddings(
-        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL, *, columns: bool = False
     ) -> Sequence[StoredEmbedding | None]:
         """The users' records of ``model``, as stored (vectors left packed: the read path
-        serves them as they are); a :class:`StoredColumns` when they share one layout."""
+        serves them as they are). ``columns``: the caller serves them as one batch, so a
+        :class:`StoredColumns` is welcome (when they share one layout)."""
 
     async def get_model_embeddings(
         self, user_ids: Sequence[str], models: Sequence[str]
-    ) -> list[Sequence[StoredEmbedding | None]]:
+    ) -> list[list[StoredEmbedding | None]]:
         """Every user's record of every model, ``[model][user]``, in one round trip (per
         node): all of a user's records share its shard's slot."""
 

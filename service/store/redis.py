@@ -43,7 +43,12 @@ from service.store.protocol import (
     StoreMisconfigured,
     StoreUnavailable,
 )
-from service.store.records import embedding_or_none, features_or_none, stored_records
+from service.store.records import (
+    embedding_or_none,
+    features_or_none,
+    stored_or_none,
+    stored_records,
+)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -367,20 +372,18 @@ class RedisStore:
     # --- embedding records -------------------------------------------------
 
     async def get_embeddings(
-        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL, *, columns: bool = False
     ) -> Sequence[StoredEmbedding | None]:
         if not user_ids:
             return []
         keys = self._layout.embedding_keys(user_ids, model)
-        return stored_records(await self._mget(keys), keys)
+        return stored_records(await self._mget(keys), keys, columns=columns)
 
     async def get_model_embeddings(
         self, user_ids: Sequence[str], models: Sequence[str]
-    ) -> list[Sequence[StoredEmbedding | None]]:
+    ) -> list[list[StoredEmbedding | None]]:
         _, groups = await self._read(user_ids, models, with_features=False)
-        return [
-            stored_records([raw for raw, _ in group], [k for _, k in group]) for group in groups
-        ]
+        return [[stored_or_none(raw, key) for raw, key in group] for group in groups]
 
     async def put_embeddings(
         self, records: Mapping[str, EmbeddingRecord], model: str = DEFAULT_MODEL

@@ -116,7 +116,7 @@ async def test_reader_serves_hot_users_from_the_cache() -> None:
 async def test_a_store_that_does_not_answer_is_a_read_error_not_a_hang() -> None:
     class StuckStore(MemoryStore):
         async def get_embeddings(
-            self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+            self, user_ids: Sequence[str], model: str = DEFAULT_MODEL, *, columns: bool = False
         ) -> list[EmbeddingRecord | None]:
             await asyncio.Event().wait()
             raise AssertionError("unreachable")
@@ -349,7 +349,7 @@ async def test_store_failures_are_read_errors_with_a_retry_after(
 ) -> None:
     class FailingStore(MemoryStore):
         async def get_embeddings(
-            self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+            self, user_ids: Sequence[str], model: str = DEFAULT_MODEL, *, columns: bool = False
         ) -> list[EmbeddingRecord | None]:
             raise error
 
@@ -421,7 +421,7 @@ async def test_the_reader_from_settings_uses_every_setting() -> None:
 
     class FailingStore(MemoryStore):
         async def get_embeddings(
-            self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+            self, user_ids: Sequence[str], model: str = DEFAULT_MODEL, *, columns: bool = False
         ) -> list[EmbeddingRecord | None]:
             raise TimeoutError
 
@@ -442,7 +442,7 @@ async def test_the_reader_from_settings_uses_every_setting() -> None:
 async def test_the_default_bounds_of_a_reader() -> None:
     class TimingOut(MemoryStore):
         async def get_embeddings(
-            self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+            self, user_ids: Sequence[str], model: str = DEFAULT_MODEL, *, columns: bool = False
         ) -> list[EmbeddingRecord | None]:
             raise TimeoutError
 
@@ -513,9 +513,9 @@ def test_answers_encode_their_vector_for_each_wire_form() -> None:
 async def test_a_store_answering_too_few_records_is_an_error_not_a_short_answer() -> None:
     class ShortStore(MemoryStore):
         async def get_embeddings(
-            self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+            self, user_ids: Sequence[str], model: str = DEFAULT_MODEL, *, columns: bool = False
         ) -> list[EmbeddingRecord | None]:
-            return (await super().get_embeddings(user_ids, model))[:-1]
+            return (await super().get_embeddings(user_ids, model, columns=columns))[:-1]
 
     for cache in (None, HotCache(ttl_ms=60_000, max_users=10)):
         reader = reader_for(ShortStore(), Refreshes(), cache=cache)
@@ -527,7 +527,7 @@ class OneByOneStore(MemoryStore):
     """Reads every record one by one (never as columns): the reference of the columns."""
 
     async def get_embeddings(
-        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL, *, columns: bool = False
     ) -> list[StoredEmbedding | None]:
         return list(await super().get_embeddings(user_ids, model))
 
@@ -608,13 +608,41 @@ async def test_answer_columns_of_different_lengths_are_refused_when_read() -> No
             list(short)
 
 
+class ColumnsAsked(MemoryStore):
+    """Records whether each read asked for columns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[bool] = []
+
+    async def get_embeddings(
+        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL, *, columns: bool = False
+    ) -> Sequence[StoredEmbedding | None]:
+        self.asked.append(columns)
+        return await super().get_embeddings(user_ids, model, columns=columns)
+
+
+async def test_only_a_batch_read_without_a_cache_asks_for_columns() -> None:
+    """Coalesced single reads hand out each record: columns would cost more there."""
+    store = ColumnsAsked()
+    users = batch_records(COLUMNS_FROM)
+    await store.put_embeddings(users)
+    reader = reader_for(store, Refreshes())
+    await reader.batch_get(list(users))
+    answers = await asyncio.gather(*(reader.get(user) for user in users))
+    assert store.asked == [True, False] and {a.status for a in answers} == {"fresh", "stale"}
+    cached = reader_for(store, Refreshes(), cache=HotCache(ttl_ms=60_000, max_users=100))
+    assert not isinstance(await cached.batch_get(list(users)), AnswerColumns)
+    assert store.asked == [True, False, False]
+
+
 class ShortColumnsStore(MemoryStore):
     """Answers one record too few, read as columns."""
 
     async def get_embeddings(
-        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL, *, columns: bool = False
     ) -> Sequence[StoredEmbedding | None]:
-        return await super().get_embeddings(user_ids[:-1], model)
+        return await super().get_embeddings(user_ids[:-1], model, columns=columns)
 
 
 async def test_columns_of_the_wrong_length_are_an_error_not_a_short_answer() -> None:
@@ -661,10 +689,10 @@ class RecordingStore(MemoryStore):
         self.reads: list[tuple[str, list[str], Any]] = []
 
     async def get_embeddings(
-        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL
+        self, user_ids: Sequence[str], model: str = DEFAULT_MODEL, *, columns: bool = False
     ) -> list[EmbeddingRecord | None]:
         self.reads.append(("one", list(user_ids), model))
-        return await super().get_embeddings(user_ids, model)
+        return await super().get_embeddings(user_ids, model, columns=columns)
 
     async def get_model_embeddings(
         self, user_ids: Sequence[str], models: Sequence[str]
