@@ -126,16 +126,8 @@ def add_columns(
         "model": answers.model if named else "",
     }
     statuses = (pb.STATUS_FRESH, pb.STATUS_STALE)
-    columns = zip(
-        answers.user_ids,
-        answers.stale.tolist(),
-        records.packed(dtype),
-        records.computed_at_ms.tolist(),
-        records.feature_version.tolist(),
-        answers.staleness_ms.tolist(),
-        strict=True,
-    )
-    for user_id, stale, vector, computed_at, feature_version, staleness in columns:
+    rows = answers.rows(records.packed(dtype))
+    for user_id, stale, vector, computed_at, feature_version, staleness in rows:
         add(
             user_id=user_id,
             status=statuses[stale],

@@ -135,20 +135,13 @@ def columns_body(answers: AnswerColumns, encoding: Encoding, named: bool = False
     )
     tail = b',"model":%b}' % _constant(answers.model) if named else b"}"
     templates = (head + b'"fresh"' + tail, head + b'"stale"' + tail)
-    columns = zip(
-        answers.user_ids,
-        _vectors(records, encoding),
-        records.computed_at_ms.tolist(),
-        records.feature_version.tolist(),
-        answers.staleness_ms.tolist(),
-        answers.stale.tolist(),
-        strict=True,
-    )
     dumps = orjson.dumps
     return b'{"embeddings":[%b]}' % b",".join(
         [
             templates[stale] % (dumps(user_id), vector, computed_at, feature_version, staleness)
-            for user_id, vector, computed_at, feature_version, staleness, stale in columns
+            for user_id, stale, vector, computed_at, feature_version, staleness in answers.rows(
+                _vectors(records, encoding)
+            )
         ]
     )
 
@@ -161,8 +154,8 @@ def _constant(value: str) -> bytes:
 
 def _vectors(records: StoredColumns, encoding: Encoding) -> list[bytes]:
     """Each record's vector as ``encoding`` writes it in JSON (quotes aside)."""
-    stored = records.vectors.view(LITTLE_ENDIAN[records.dtype])
     if encoding == "json":  # one orjson call for the matrix, cut into its rows
+        stored = records.vectors.view(LITTLE_ENDIAN[records.dtype])
         as_json = orjson.dumps(stored.astype(np.float32), option=_JSON_OPTIONS)
         return [b"[%b]" % row for row in as_json[2:-2].split(b"],[")] if len(stored) else []
     want: EmbeddingDtype = "float16" if encoding == "base64_float16" else "float32"

@@ -20,7 +20,7 @@ import re
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Final, Literal, TypeGuard, get_args, overload
+from typing import Final, Literal, TypeGuard, TypeVar, get_args, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -56,6 +56,7 @@ DEFAULT_ONLY: Final[tuple[str, ...]] = (DEFAULT_MODEL,)
 _STATUSES: Final[tuple[Status, ...]] = get_args(Status)
 _USER_IDS: Final = re.compile(f"(?:{USER_ID_PATTERN.pattern}\n)*")
 _STALENESS_SAMPLE: Final = 16
+V = TypeVar("V")
 
 
 class ReadError(Exception):
@@ -154,6 +155,20 @@ class AnswerColumns(Sequence[Answer]):
 
     def _answer(self, user_id: str, stale: bool, staleness: int, record: StoredEmbedding) -> Answer:
         return _stored_answer(user_id, "stale" if stale else "fresh", record, staleness, self.model)
+
+    def rows(self, vectors: Sequence[V]) -> Iterator[tuple[str, bool, V, int, int, int]]:
+        """What a front end writes of each answer, in order: (user_id, stale, its vector
+        from ``vectors``, computed_at, feature_version, staleness_ms)."""
+        records = self.records
+        return zip(
+            self.user_ids,
+            self.stale.tolist(),
+            vectors,
+            records.computed_at_ms.tolist(),
+            records.feature_version.tolist(),
+            self.staleness_ms.tolist(),
+            strict=True,
+        )
 
 
 def _stored_answer(

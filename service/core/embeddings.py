@@ -9,7 +9,6 @@ one layout, as nearly all do, is also readable at once as :class:`StoredColumns`
 
 from __future__ import annotations
 
-import functools
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -143,20 +142,11 @@ def read_embedding(data: bytes) -> StoredEmbedding:
     expected = vector_at + dim * ITEMSIZE[dtype]
     if len(data) != expected:
         raise EmbeddingDecodeError(f"embedding record is {len(data)} bytes, expected {expected}")
-    model, space = _versions(data[_VERSIONS_AT:vector_at])
-    return StoredEmbedding(data[vector_at:], dtype, model, space, computed_at, feature_version)
-
-
-@functools.lru_cache(maxsize=1024)
-def _versions(lengths_and_names: bytes) -> tuple[str, str]:
-    """(model, space) from a record's two name lengths and the names after them: decoded
-    once per distinct pair (nearly every record read holds the same one)."""
-    names = lengths_and_names[2:]
-    n_model = lengths_and_names[0]
     try:
-        return names[:n_model].decode(), names[n_model:].decode()
+        model, space = data[pos : pos + n_model].decode(), data[pos + n_model : vector_at].decode()
     except UnicodeDecodeError as exc:
         raise EmbeddingDecodeError(f"embedding record's versions are not UTF-8: {exc}") from None
+    return StoredEmbedding(data[vector_at:], dtype, model, space, computed_at, feature_version)
 
 
 def decode_embedding(data: bytes) -> EmbeddingRecord:

@@ -606,6 +606,12 @@ async def test_answer_columns_of_different_lengths_are_refused_when_read() -> No
     ):
         with pytest.raises(ValueError, match="zip"):
             list(short)
+    with pytest.raises(ValueError, match="zip"):  # a front end's vectors, one too few
+        list(answers.rows(answers.records.packed()[1:]))
+    assert list(answers.rows(answers.records.packed())) == [
+        (a.user_id, a.status == "stale", a.data, a.computed_at, a.feature_version, a.staleness_ms)
+        for a in answers
+    ]
 
 
 class ColumnsAsked(MemoryStore):
