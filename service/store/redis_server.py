@@ -11,7 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +45,33 @@ def _binary(name: str) -> str:
     return binary
 
 
+class PortTaken(RuntimeError):
+    """The port chosen for a redis-server was taken by someone else before it bound it
+    (a free port is only free when it is looked at)."""
+
+
+def _start_on_a_free_port(
+    workdir: Path,
+    pick: Callable[[], int] = free_port,
+    extra: Sequence[str] = (),
+    start_timeout_s: float = 10.0,
+    attempts: int = 5,
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """A redis-server on a port from ``pick``: another one if that port was taken first."""
+    for _ in range(attempts - 1):
+        port = pick()
+        try:
+            return port, _start_server(port, workdir, extra, start_timeout_s)
+        except PortTaken:
+            continue
+    port = pick()
+    return port, _start_server(port, workdir, extra, start_timeout_s)
+
+
 def _start_server(
     port: int, workdir: Path, extra: Sequence[str] = (), start_timeout_s: float = 10.0
 ) -> subprocess.Popen[bytes]:
+    log = workdir / f"redis-{port}.log"  # redis logs there, not to stderr
     process = subprocess.Popen(
         [
             _binary("redis-server"),
@@ -63,13 +87,15 @@ def _start_server(
             str(workdir),
             "--loglevel",
             "warning",
+            "--logfile",
+            str(log),
             *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     try:
-        _wait_until_listening(port, process, start_timeout_s)
+        _wait_until_listening(port, process, start_timeout_s, log)
     except BaseException:
         stop_process(process)
         raise
@@ -80,9 +106,11 @@ def _start_server(
 def private_redis(port: int | None = None, start_timeout_s: float = 10.0) -> Iterator[str]:
     """Start ``redis-server`` (on ``port``, default a free one) and yield its URL; raise
     RuntimeError if it is not installed."""
-    port = port or free_port()
     with tempfile.TemporaryDirectory(prefix="userembed-redis-") as workdir:
-        process = _start_server(port, Path(workdir), start_timeout_s=start_timeout_s)
+        if port is None:
+            port, process = _start_on_a_free_port(Path(workdir), start_timeout_s=start_timeout_s)
+        else:
+            process = _start_server(port, Path(workdir), start_timeout_s=start_timeout_s)
         try:
             yield f"redis://127.0.0.1:{port}/0"
         finally:
@@ -190,19 +218,14 @@ def private_redis_cluster(
 ) -> Iterator[LocalCluster]:
     """Start ``primaries * (1 + replicas)`` cluster-enabled redis-servers on free loopback
     ports, join them with ``redis-cli --cluster create`` and yield the running cluster."""
-    ports: list[int] = []
-    while len(ports) < primaries * (1 + replicas):
-        port = free_cluster_port()
-        if port not in ports:
-            ports.append(port)
-    cluster = LocalCluster(ports)
+    cluster = LocalCluster([])
     with tempfile.TemporaryDirectory(prefix="userembed-cluster-") as workdir, ExitStack() as stack:
-        for port in ports:
-            node_dir = Path(workdir) / str(port)
+        for node in range(primaries * (1 + replicas)):
+            node_dir = Path(workdir) / f"node{node}"
             node_dir.mkdir()
-            cluster.processes[port] = _start_server(
-                port,
+            port, process = _start_on_a_free_port(
                 node_dir,
+                free_cluster_port,
                 [
                     "--cluster-enabled",
                     "yes",
@@ -212,11 +235,13 @@ def private_redis_cluster(
                     str(node_timeout_ms),
                 ],
             )
-            stack.callback(stop_process, cluster.processes[port])
+            stack.callback(stop_process, process)
+            cluster.ports.append(port)
+            cluster.processes[port] = process
         cluster.cli(
             "--cluster",
             "create",
-            *(f"127.0.0.1:{p}" for p in ports),
+            *(f"127.0.0.1:{p}" for p in cluster.ports),
             "--cluster-replicas",
             str(replicas),
             "--cluster-yes",
@@ -237,12 +262,20 @@ def stop_process(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> Non
         process.wait()
 
 
-def _wait_until_listening(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+def _wait_until_listening(
+    port: int, process: subprocess.Popen[bytes], timeout_s: float, log: Path
+) -> None:
+    """Until ``process`` answers PING on ``port``; :class:`PortTaken` if it exited because
+    the port was in use, RuntimeError with its log for any other exit or a timeout."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             err = process.stderr.read().decode() if process.stderr else ""
-            raise RuntimeError(f"redis-server exited with {process.returncode}: {err.strip()}")
+            err += log.read_text(errors="replace") if log.exists() else ""
+            error = PortTaken if "Address already in use" in err else RuntimeError
+            raise error(
+                f"redis-server on port {port} exited with {process.returncode}: {err.strip()}"
+            )
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
                 sock.sendall(b"PING\r\n")
